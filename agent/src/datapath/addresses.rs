@@ -1,0 +1,100 @@
+//! The node's own addresses through rtnetlink: `cilium_host` and every local interface.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkAttribute;
+use serde::Serialize;
+
+use super::DatapathError;
+
+/// Cilium's router interface; its address is the node's CiliumInternalIP.
+pub const CILIUM_HOST: &str = "cilium_host";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    pub addresses: Vec<IpNet>,
+}
+
+/// Addresses as seen from the network namespace kvcheck runs in.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostAddresses {
+    /// `None` when this namespace has no `cilium_host` link.
+    pub cilium_host: Option<Interface>,
+    /// Every interface with its addresses, by ifindex.
+    pub interfaces: Vec<Interface>,
+}
+
+impl HostAddresses {
+    /// Every address on every interface (the node's own IPs).
+    pub fn all_addresses(&self) -> impl Iterator<Item = &IpNet> {
+        self.interfaces.iter().flat_map(|i| i.addresses.iter())
+    }
+}
+
+/// Lists links and addresses of the current network namespace.
+pub async fn read_host_addresses() -> Result<HostAddresses, DatapathError> {
+    let netlink = |what: &'static str| move |e: rtnetlink::Error| DatapathError::Netlink {
+        what,
+        message: e.to_string(),
+    };
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| DatapathError::Netlink {
+        what: "opening a route netlink socket",
+        message: e.to_string(),
+    })?;
+    let conn_task = tokio::spawn(connection);
+
+    let mut links: BTreeMap<u32, Interface> = BTreeMap::new();
+    let mut stream = handle.link().get().execute();
+    while let Some(msg) = stream.try_next().await.map_err(netlink("listing links"))? {
+        let name = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("if{}", msg.header.index));
+        links.insert(
+            msg.header.index,
+            Interface {
+                name,
+                ifindex: msg.header.index,
+                addresses: Vec::new(),
+            },
+        );
+    }
+
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.map_err(netlink("listing addresses"))? {
+        // IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS the
+        // peer there. Elsewhere both are equal, so prefer LOCAL when present.
+        let local = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        let Some(ip) = local.or(address) else { continue };
+        let Ok(net) = IpNet::new(ip, msg.header.prefix_len) else {
+            continue;
+        };
+        if let Some(link) = links.get_mut(&msg.header.index) {
+            link.addresses.push(net);
+        }
+    }
+    conn_task.abort();
+
+    let interfaces: Vec<Interface> = links.into_values().collect();
+    let cilium_host = interfaces.iter().find(|i| i.name == CILIUM_HOST).cloned();
+    Ok(HostAddresses {
+        cilium_host,
+        interfaces,
+    })
+}

@@ -1,0 +1,271 @@
+//! Reading a node's Cilium datapath: pinned BPF maps (read-only) and host addresses.
+//!
+//! `sys` holds the raw syscalls aya lacks, `maps` opens pins and reads raw entries, the
+//! per-map modules decode bytes by layout (pure), `detect` picks the layout, `addresses`
+//! reads rtnetlink. [`read_snapshot`] ties them together.
+
+pub mod addresses;
+pub mod codec;
+pub mod detect;
+pub mod endpoints;
+pub mod ipcache;
+pub mod maps;
+pub mod sys;
+pub mod tunnel;
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapType;
+use serde::Serialize;
+
+use crate::model::version::{CiliumVersion, Layout, VersionError};
+use codec::DecodeError;
+use detect::LayoutChoice;
+use endpoints::EndpointEntry;
+use ipcache::IpcacheEntry;
+use maps::{MapMeta, PinnedMap, RawEntries, ReadMethod, ReadStrategy};
+use tunnel::TunnelEntry;
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+pub const IPCACHE_V1: &str = "cilium_ipcache";
+pub const IPCACHE_V2: &str = "cilium_ipcache_v2";
+pub const ENDPOINTS: &str = "cilium_lxc";
+pub const TUNNEL: &str = "cilium_tunnel_map";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("map {name} not found: no pin at {path} (is Cilium running on this node, and is --bpffs the bpffs root it pins to?)")]
+    MapMissing { name: String, path: PathBuf },
+    #[error("cannot open {path} read-only: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is a {found} map; Cilium creates it as {expected}")]
+    WrongType {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("unknown layout for {name} at {path}: key {key_size} bytes, value {value_size} bytes; supported: {supported}")]
+    UnknownLayout {
+        name: String,
+        path: PathBuf,
+        key_size: u32,
+        value_size: u32,
+        supported: String,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error(transparent)]
+    Layout(#[from] detect::Contradiction),
+    #[error("--cilium-version {version} implies layout {layout}, whose ipcache is {expected_map}, but {found}")]
+    VersionMismatch {
+        version: CiliumVersion,
+        layout: Layout,
+        expected_map: &'static str,
+        found: String,
+    },
+    #[error("rtnetlink: {what}: {message}")]
+    Netlink { what: &'static str, message: String },
+}
+
+/// How to read the datapath.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// The bpffs root (`/sys/fs/bpf`); maps are under `<bpffs>/tc/globals/`.
+    pub bpffs: PathBuf,
+    pub version: Option<CiliumVersion>,
+    pub strategy: ReadStrategy,
+    /// Keep each entry's raw key and value bytes in the snapshot.
+    pub include_raw: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            bpffs: PathBuf::from(DEFAULT_BPFFS),
+            version: None,
+            strategy: ReadStrategy::default(),
+            include_raw: false,
+        }
+    }
+}
+
+/// An entry whose bytes do not decode; it is reported, and the rest of the map is read.
+#[derive(Clone, Debug, Serialize)]
+pub struct UndecodableEntry {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RawEntry {
+    pub key: String,
+    pub value: String,
+}
+
+/// One map's decoded contents.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapDump<T> {
+    #[serde(flatten)]
+    pub meta: MapMeta,
+    pub entry_count: usize,
+    /// entry_count / max_entries.
+    pub fill_ratio: f64,
+    pub read_method: ReadMethod,
+    pub entries: Vec<T>,
+    pub undecodable: Vec<UndecodableEntry>,
+    /// Raw bytes of every entry (hex), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Vec<RawEntry>>,
+}
+
+/// The decoded datapath of one node.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatapathSnapshot {
+    pub bpffs: PathBuf,
+    pub layout: LayoutChoice,
+    pub ipcache: MapDump<IpcacheEntry>,
+    pub endpoints: MapDump<EndpointEntry>,
+    /// `None` when the layout has no tunnel map (v1.18+) or none is pinned.
+    pub tunnel: Option<MapDump<TunnelEntry>>,
+}
+
+pub fn globals_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("tc").join("globals")
+}
+
+/// Reads and decodes Cilium's ipcache, endpoint and tunnel maps under `opts.bpffs`.
+pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> {
+    let dir = globals_dir(&opts.bpffs);
+    // v1.18+ pins cilium_ipcache_v2 and may leave the old map behind after an upgrade:
+    // the v2 map wins when both exist.
+    let ipcache = match PinnedMap::open_if_present(IPCACHE_V2, &dir.join(IPCACHE_V2))? {
+        Some(m) => m,
+        None => PinnedMap::open(IPCACHE_V1, &dir.join(IPCACHE_V1))?,
+    };
+    ipcache.expect_type(MapType::LpmTrie)?;
+    check_shape(&ipcache, &[(ipcache::KEY_SIZE as u32, 12), (ipcache::KEY_SIZE as u32, 24)])?;
+    let endpoints = PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?;
+    endpoints.expect_type(MapType::Hash)?;
+    check_shape(&endpoints, &[(endpoints::KEY_SIZE as u32, endpoints::VALUE_SIZE as u32)])?;
+    let tunnel = PinnedMap::open_if_present(TUNNEL, &dir.join(TUNNEL))?;
+    if let Some(t) = &tunnel {
+        t.expect_type(MapType::Hash)?;
+        check_shape(t, &[(tunnel::KEY_SIZE as u32, tunnel::VALUE_SIZE as u32)])?;
+    }
+
+    let ipcache_raw = ipcache.read_all(opts.strategy)?;
+    let endpoints_raw = endpoints.read_all(opts.strategy)?;
+
+    let layout = match opts.version {
+        Some(v) => {
+            let layout = Layout::for_version(v)?;
+            if layout.ipcache_value_size() != ipcache.meta.value_size {
+                return Err(DatapathError::VersionMismatch {
+                    version: v,
+                    layout,
+                    expected_map: layout.ipcache_map_name(),
+                    found: format!(
+                        "{} has {}-byte values",
+                        ipcache.meta.path.display(),
+                        ipcache.meta.value_size
+                    ),
+                });
+            }
+            LayoutChoice::from_version(v, layout)
+        }
+        None => detect::detect(detect::Evidence {
+            ipcache_value_size: ipcache.meta.value_size,
+            ipcache_flags: ipcache.meta.flags,
+            endpoints_flags: endpoints.meta.flags,
+            ipcache_entries: ipcache_raw.iter(),
+            endpoint_entries: endpoints_raw.iter(),
+        })?,
+    };
+    let l = layout.layout;
+    let tunnel = match tunnel {
+        Some(t) if l.has_tunnel_map() => {
+            let raw = t.read_all(opts.strategy)?;
+            Some(decode_map(t.meta, &raw, opts.include_raw, |k, v| tunnel::decode(l, k, v)))
+        }
+        // A v1.18+ node may keep a stale tunnel map pin from before the upgrade; it is
+        // not part of the datapath any more.
+        _ => None,
+    };
+    Ok(DatapathSnapshot {
+        bpffs: opts.bpffs.clone(),
+        ipcache: decode_map(ipcache.meta, &ipcache_raw, opts.include_raw, |k, v| {
+            ipcache::decode(l, k, v)
+        }),
+        endpoints: decode_map(endpoints.meta, &endpoints_raw, opts.include_raw, |k, v| {
+            endpoints::decode(l, k, v)
+        }),
+        tunnel,
+        layout,
+    })
+}
+
+fn check_shape(map: &PinnedMap, supported: &[(u32, u32)]) -> Result<(), DatapathError> {
+    let (k, v) = (map.meta.key_size, map.meta.value_size);
+    if supported.contains(&(k, v)) {
+        return Ok(());
+    }
+    let list: Vec<String> = supported
+        .iter()
+        .map(|(k, v)| format!("key {k} / value {v}"))
+        .collect();
+    Err(DatapathError::UnknownLayout {
+        name: map.meta.name.clone(),
+        path: map.meta.path.clone(),
+        key_size: k,
+        value_size: v,
+        supported: list.join(", "),
+    })
+}
+
+fn decode_map<T>(
+    meta: MapMeta,
+    raw: &RawEntries,
+    include_raw: bool,
+    decode: impl Fn(&[u8], &[u8]) -> Result<T, DecodeError>,
+) -> MapDump<T> {
+    let mut entries = Vec::with_capacity(raw.len());
+    let mut undecodable = Vec::new();
+    for (k, v) in raw.iter() {
+        match decode(k, v) {
+            Ok(e) => entries.push(e),
+            Err(reason) => undecodable.push(UndecodableEntry {
+                key: hex::encode(k),
+                value: hex::encode(v),
+                reason: reason.to_string(),
+            }),
+        }
+    }
+    let entry_count = raw.len();
+    MapDump {
+        fill_ratio: entry_count as f64 / f64::from(meta.max_entries.max(1)),
+        entry_count,
+        read_method: raw.method,
+        entries,
+        undecodable,
+        raw: include_raw.then(|| {
+            raw.iter()
+                .map(|(k, v)| RawEntry {
+                    key: hex::encode(k),
+                    value: hex::encode(v),
+                })
+                .collect()
+        }),
+        meta,
+    }
+}

@@ -1,0 +1,4 @@
+//! Cilium vocabulary shared by the datapath and kvstore sides.
+
+pub mod identity;
+pub mod version;

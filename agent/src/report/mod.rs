@@ -1,0 +1,3 @@
+//! Rendering for people (tables) and machines (JSON).
+
+pub mod datapath;
