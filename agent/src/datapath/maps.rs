@@ -157,7 +157,8 @@ impl PinnedMap {
         }
     }
 
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    /// The read-only fd (BPF_F_RDONLY): the kernel refuses updates and deletes through it.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.batch_fd.as_fd()
     }
 
