@@ -105,10 +105,12 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
                 snapshot: &snapshot,
                 addresses: &host,
             };
-            let mut stdout = std::io::stdout().lock();
-            serde_json::to_writer(&mut stdout, &doc).context("writing JSON to stdout")?;
             use std::io::Write as _;
+            // stdout is line-buffered and JSON has no newlines: buffer in big blocks instead.
+            let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            serde_json::to_writer(&mut stdout, &doc).context("writing JSON to stdout")?;
             writeln!(stdout)?;
+            stdout.flush().context("writing JSON to stdout")?;
         }
         Output::Table => print!("{}", report::datapath::render(&snapshot, &host)),
     }

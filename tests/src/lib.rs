@@ -7,6 +7,7 @@ pub mod encode;
 pub mod maps;
 pub mod netns;
 pub mod sample;
+pub mod simnode;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -1,1 +1,220 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//!
+//! `test` is the one command CI runs (`.ci/run`): it installs what a fresh Debian machine
+//! lacks, idempotently, then builds and runs every test as root.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install Debian packages, the nightly's rust-src and bpf-linker; mount bpffs/tracefs.
+    Setup,
+    /// Build the workspace (and its tests).
+    Build,
+    /// Setup, build, then run every test (unit and integration; needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build a simulated node (private bpffs, netns with cilium_host, Cilium 1.7.1 maps with
+    /// injected drift) and run kvcheck on it.
+    Demo,
+    /// Measure kvcheck against bpftool and a raw batch-lookup loop.
+    Bench {
+        /// ipcache entries for the datapath read.
+        #[arg(long, default_value_t = 500_000)]
+        ipcache_entries: u32,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+}
+
+/// Debian packages the tests and demo need, with a command each provides.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    ("protobuf-compiler", "protoc"),
+    ("iproute2", "ip"),
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+fn tools_dir() -> PathBuf {
+    root().join(".tools")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn have_command(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have_command(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages present");
+    } else {
+        if !is_root() {
+            bail!("setup: missing {missing:?}; run as root to install them with apt-get");
+        }
+        eprintln!("setup: installing {missing:?}");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // The eBPF crate builds with the nightly's own rust-src and a bpf-linker linked against
+    // the nightly's LLVM (Debian's LLVM cannot read its bitcode).
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is needed for agent-ebpf")?;
+    if !Path::new(&sysroot).join("lib/rustlib/src/rust/library").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let nightly = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let marker = tools_dir().join("bpf-linker.built-with");
+    let linker = tools_dir().join("bin/bpf-linker");
+    if linker.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == nightly) {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        install_bpf_linker(&sysroot, &nightly)?;
+        std::fs::write(&marker, &nightly)?;
+    }
+
+    if is_root() {
+        mount_if_missing("bpf", "/sys/fs/bpf")?;
+        mount_if_missing("tracefs", "/sys/kernel/tracing")?;
+    }
+    Ok(())
+}
+
+fn install_bpf_linker(sysroot: &str, nightly_vv: &str) -> Result<()> {
+    let llvm_major = nightly_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV shows no LLVM version")?;
+    let lib_dir = Path::new(sysroot).join("lib");
+    let llvm_lib = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM*.so in {}", lib_dir.display()))?;
+    let llvm_lib = llvm_lib.trim_start_matches("lib").trim_end_matches(".so");
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major}");
+    let lib = lib_dir.display();
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--root"])
+        .arg(tools_dir())
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{llvm_major},no-llvm-linking"))
+        .env("RUSTFLAGS", format!("-L native={lib} -l dylib={llvm_lib} -C link-arg=-Wl,-rpath,{lib}")))
+}
+
+fn mount_if_missing(fstype: &str, dir: &str) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    run(Command::new("mount").args(["-t", fstype, fstype, dir]))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.env("PATH", format!("{}:{path}", tools_dir().join("bin").display()));
+    c
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--all-targets"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    build()?;
+    if !is_root() {
+        eprintln!("test: not root: integration tests that need BPF maps and namespaces will skip");
+    }
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))
+}
+
+fn release_binaries() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "kvcheck", "-p", "kvcheck-tests", "--bins"]))?;
+    Ok(root().join("target/release"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => build(),
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            if !have_command("bpftool") || !have_command("ip") {
+                setup()?;
+            }
+            let bin = release_binaries()?;
+            run(Command::new(bin.join("kvcheck-demo")).env("KVCHECK_BIN", bin.join("kvcheck")))
+        }
+        Task::Bench { ipcache_entries, runs } => {
+            if !have_command("bpftool") {
+                setup()?;
+            }
+            let bin = release_binaries()?;
+            run(Command::new(bin.join("kvcheck-bench"))
+                .env("KVCHECK_BIN", bin.join("kvcheck"))
+                .args(["--ipcache-entries", &ipcache_entries.to_string(), "--runs", &runs.to_string()])
+                .arg("--write")
+                .arg(root().join("BENCHMARKS.md")))
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! `cargo xtask bench`: kvcheck's datapath read side by side with a raw batch-lookup loop
+//! (the floor) and `bpftool map dump`, on the same pinned map, in one run.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use ipnet::IpNet;
+use kvcheck::datapath::{self, maps::PinnedMap, sys, ReadOptions};
+use kvcheck::model::version::Layout;
+use kvcheck_tests::encode::{self, EndpointValue, IpcacheValue};
+use kvcheck_tests::kvcheck_bin;
+use kvcheck_tests::maps::{BpffsMount, CiliumMaps};
+
+struct Args {
+    ipcache_entries: u32,
+    runs: u32,
+    write: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        ipcache_entries: 500_000,
+        runs: 5,
+        write: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--ipcache-entries" => a.ipcache_entries = value()?.parse()?,
+            "--runs" => a.runs = value()?.parse()?,
+            "--write" => a.write = Some(value()?),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// The n-th synthetic ipcache prefix: 90% IPv4 /32 pods, 10% IPv6 /128.
+fn prefix(n: u32) -> IpNet {
+    if n % 10 == 9 {
+        IpNet::from(IpAddr::V6(Ipv6Addr::from(0xfd00_0010_0244_0000_0000_0000_0000_0000u128 | u128::from(n))))
+    } else {
+        IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 | n)))
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time_runs(runs: u32, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    Ok(median(times))
+}
+
+/// The floor: batch lookups into one buffer, nothing decoded.
+fn raw_batch_loop(path: &std::path::Path) -> Result<usize> {
+    let fd = sys::obj_get_readonly(path)?;
+    use std::os::fd::AsFd;
+    let (ks, vs, chunk) = (24usize, 12usize, 8192usize);
+    let mut keys = vec![0u8; ks * chunk];
+    let mut values = vec![0u8; vs * chunk];
+    let mut cursor = vec![0u8; ks];
+    let mut total = 0;
+    let mut first = true;
+    loop {
+        let step = sys::lookup_batch(fd.as_fd(), first, &mut cursor, &mut keys, &mut values, chunk as u32)?;
+        first = false;
+        match step {
+            sys::BatchStep::More(n) => total += n as usize,
+            sys::BatchStep::Done(n) => return Ok(total + n as usize),
+        }
+    }
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let status = cmd.stdout(Stdio::null()).status()?;
+    if !status.success() {
+        bail!("{cmd:?}: {status}");
+    }
+    Ok(())
+}
+
+fn max_rss_children_kib() -> i64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates BPF maps in a private bpffs: run it as root");
+    }
+    let n = args.ipcache_entries;
+    let bpffs = BpffsMount::new()?;
+    let layout = Layout::V1_15;
+    let maps = CiliumMaps::create(&bpffs, layout)?;
+    let t = Instant::now();
+    maps.ipcache.fill(
+        (0..n).map(|i| {
+            let value = IpcacheValue {
+                identity: 256 + i % 60_000,
+                tunnel_endpoint: Some(IpAddr::V4(Ipv4Addr::new(172, 18, (i % 200) as u8, 1))),
+                ..Default::default()
+            };
+            (encode::ipcache_key(layout, prefix(i), 0), encode::ipcache_value(layout, value))
+        }),
+        4096,
+    )?;
+    for i in 0..100u32 {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 200, 0, i as u8));
+        let v = EndpointValue { ifindex: 10 + i, endpoint_id: i as u16, identity: 300 + i, ..Default::default() };
+        maps.endpoints.update(&encode::endpoint_key(ip), &encode::endpoint_value(layout, v))?;
+    }
+    eprintln!("bench: filled {n} ipcache entries in {:.2?}", t.elapsed());
+
+    let path = maps.ipcache.path.clone();
+    let floor = time_runs(args.runs, || {
+        let got = raw_batch_loop(&path)?;
+        anyhow::ensure!(got == n as usize, "raw loop read {got} of {n}");
+        Ok(())
+    })?;
+    let opts = ReadOptions { bpffs: bpffs.root.clone(), ..Default::default() };
+    let library = time_runs(args.runs, || {
+        let s = datapath::read_maps(&opts)?;
+        anyhow::ensure!(s.ipcache.entries.len() == n as usize);
+        Ok(())
+    })?;
+    let iterate = time_runs(1, || {
+        let m = PinnedMap::open("cilium_ipcache", &path)?;
+        m.read_all(datapath::maps::ReadStrategy::IterateOnly)?;
+        Ok(())
+    })?;
+    let bin = kvcheck_bin();
+    let root = bpffs.root_str().to_owned();
+    let cli_json = time_runs(args.runs, || {
+        run_quiet(Command::new(&bin).args(["dump", "datapath", "--bpffs", &root, "--output", "json"]))
+    })?;
+    let kvcheck_rss = max_rss_children_kib();
+    let bpftool = time_runs(args.runs, || {
+        run_quiet(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path))
+    })?;
+    let bpftool_json = time_runs(args.runs, || {
+        run_quiet(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path))
+    })?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let per100k = |d: Duration| ms(d) * 100_000.0 / f64::from(n);
+    let rows = [
+        ("raw batch-lookup loop (floor)", floor),
+        ("kvcheck library read+decode (batch)", library),
+        ("kvcheck library read (key iteration, 1 run)", iterate),
+        ("kvcheck dump datapath --output json", cli_json),
+        ("bpftool map dump pinned (text)", bpftool),
+        ("bpftool -j map dump pinned", bpftool_json),
+    ];
+    let mut table = String::new();
+    table.push_str(&format!(
+        "Datapath read, ipcache of {n} entries (layout {layout}), median of {} runs\n\n",
+        args.runs
+    ));
+    table.push_str("| what | wall ms | ms per 100k | vs floor |\n|---|---:|---:|---:|\n");
+    for (name, d) in rows {
+        table.push_str(&format!(
+            "| {name} | {:.1} | {:.1} | {:.2}x |\n",
+            ms(d),
+            per100k(d),
+            ms(d) / ms(floor)
+        ));
+    }
+    table.push_str(&format!(
+        "\nkvcheck dump (JSON) is {:.1}x faster than `bpftool map dump` and {:.1}x faster than `bpftool -j`; peak RSS of kvcheck: {:.1} MiB\n",
+        ms(bpftool) / ms(cli_json),
+        ms(bpftool_json) / ms(cli_json),
+        kvcheck_rss as f64 / 1024.0
+    ));
+    print!("{table}");
+    if let Some(path) = args.write {
+        let machine = format!(
+            "kernel {}, {} cores, {}",
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            String::from_utf8_lossy(&Command::new("bpftool").arg("--version").output()?.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+        );
+        let doc = format!(
+            "# kvcheck benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {machine}.\n\n## Datapath read\n\n{table}"
+        );
+        std::fs::write(&path, doc).with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
