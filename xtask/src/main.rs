@@ -185,7 +185,40 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         eprintln!("test: not root: integration tests that need BPF maps and namespaces will skip");
     }
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))
+    run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one summary line over all test
+/// binaries (cargo's own last line is often an empty doc-test run).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn release_binaries() -> Result<PathBuf> {
