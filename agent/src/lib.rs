@@ -4,5 +4,6 @@
 //! `model` holds the Cilium vocabulary both sides share; `report` renders for people.
 
 pub mod datapath;
+pub mod kvstore;
 pub mod model;
 pub mod report;

@@ -1,0 +1,410 @@
+//! Typed Cilium kvstore values (pure decoding; no I/O). Every Cilium version's JSON listed in
+//! docs: unknown fields are ignored, optional fields optional. A value that does not decode
+//! becomes a [`Malformed`] item carrying its key and the reason.
+
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub const NODES_PREFIX: &str = "cilium/state/nodes/v1/";
+pub const IP_PREFIX: &str = "cilium/state/ip/v1/";
+pub const IDENTITY_ID_PREFIX: &str = "cilium/state/identities/v1/id/";
+pub const IDENTITY_VALUE_PREFIX: &str = "cilium/state/identities/v1/value/";
+pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+pub const SYNCED_PREFIX: &str = "cilium/synced/";
+pub const KVSTOREMESH_CACHE_PREFIX: &str = "cilium/cache/";
+
+/// Where a key/value came from in etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KvMeta {
+    pub key: String,
+    pub mod_revision: i64,
+    /// The etcd lease holding the key (0 = none).
+    pub lease: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Malformed {
+    #[serde(flatten)]
+    pub meta: KvMeta,
+    pub reason: String,
+    /// The value (cut to 512 bytes).
+    pub value: String,
+}
+
+impl Malformed {
+    pub fn new(meta: KvMeta, value: &[u8], reason: impl Into<String>) -> Malformed {
+        let shown = String::from_utf8_lossy(&value[..value.len().min(512)]).into_owned();
+        Malformed {
+            meta,
+            reason: reason.into(),
+            value: shown,
+        }
+    }
+}
+
+// ---------- nodes ----------
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeAddress {
+    /// `InternalIP`, `ExternalIP`, `CiliumInternalIP`, ...
+    #[serde(rename = "type")]
+    pub addr_type: String,
+    pub ip: IpAddr,
+}
+
+/// `cilium/state/nodes/v1/<cluster>/<node>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeEntry {
+    #[serde(flatten)]
+    pub meta: KvMeta,
+    pub name: String,
+    pub cluster: String,
+    pub addresses: Vec<NodeAddress>,
+    pub ipv4_alloc_cidr: Option<IpNet>,
+    pub ipv6_alloc_cidr: Option<IpNet>,
+    pub ipv4_secondary_alloc_cidrs: Vec<IpNet>,
+    pub ipv6_secondary_alloc_cidrs: Vec<IpNet>,
+    pub ipv4_health_ip: Option<IpAddr>,
+    pub ipv6_health_ip: Option<IpAddr>,
+    pub ipv4_ingress_ip: Option<IpAddr>,
+    pub ipv6_ingress_ip: Option<IpAddr>,
+    pub cluster_id: u32,
+    pub source: String,
+    pub encryption_key: u8,
+    pub node_identity: u32,
+}
+
+impl NodeEntry {
+    /// The first address of `addr_type` in `family` (4 or 6).
+    pub fn address_of(&self, addr_type: &str, v4: bool) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.addr_type == addr_type && a.ip.is_ipv4() == v4)
+            .map(|a| a.ip)
+    }
+
+    /// Cilium's node IP for a family: first InternalIP, else last ExternalIP, else the first
+    /// other non-CiliumInternalIP address.
+    pub fn node_ip(&self, v4: bool) -> Option<IpAddr> {
+        let fam = |a: &&NodeAddress| a.ip.is_ipv4() == v4;
+        self.address_of("InternalIP", v4)
+            .or_else(|| self.addresses.iter().filter(fam).filter(|a| a.addr_type == "ExternalIP").last().map(|a| a.ip))
+            .or_else(|| self.addresses.iter().filter(fam).find(|a| a.addr_type != "CiliumInternalIP").map(|a| a.ip))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeJson {
+    name: String,
+    cluster: String,
+    #[serde(rename = "IPAddresses", default)]
+    ip_addresses: Option<Vec<AddressJson>>,
+    #[serde(rename = "IPv4AllocCIDR", default)]
+    ipv4_alloc_cidr: Option<CidrJson>,
+    #[serde(rename = "IPv6AllocCIDR", default)]
+    ipv6_alloc_cidr: Option<CidrJson>,
+    #[serde(rename = "IPv4SecondaryAllocCIDRs", default)]
+    ipv4_secondary: Option<Vec<CidrJson>>,
+    #[serde(rename = "IPv6SecondaryAllocCIDRs", default)]
+    ipv6_secondary: Option<Vec<CidrJson>>,
+    #[serde(rename = "IPv4HealthIP", default)]
+    ipv4_health_ip: Option<String>,
+    #[serde(rename = "IPv6HealthIP", default)]
+    ipv6_health_ip: Option<String>,
+    #[serde(rename = "IPv4IngressIP", default)]
+    ipv4_ingress_ip: Option<String>,
+    #[serde(rename = "IPv6IngressIP", default)]
+    ipv6_ingress_ip: Option<String>,
+    #[serde(rename = "ClusterID", default)]
+    cluster_id: Option<u32>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    encryption_key: Option<u8>,
+    #[serde(default)]
+    node_identity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct AddressJson {
+    #[serde(rename = "Type")]
+    addr_type: String,
+    #[serde(rename = "IP")]
+    ip: String,
+}
+
+#[derive(Deserialize)]
+struct CidrJson {
+    #[serde(rename = "IP")]
+    ip: String,
+    #[serde(rename = "Mask")]
+    mask: Option<String>,
+}
+
+/// A Go `net.IPMask` as base64 → prefix length (contiguous masks only).
+pub fn mask_bits(b64: &str) -> Result<u8, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("mask {b64:?} is not base64: {e}"))?;
+    let bits: u32 = bytes.iter().map(|b| b.count_ones()).sum();
+    let contiguous = bytes
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| b >> i & 1))
+        .skip_while(|&bit| bit == 1)
+        .all(|bit| bit == 0);
+    if !contiguous || !(bytes.len() == 4 || bytes.len() == 16) {
+        return Err(format!("mask {b64:?} is not a contiguous IPv4/IPv6 netmask"));
+    }
+    Ok(bits as u8)
+}
+
+fn parse_ip(s: &str, field: &str) -> Result<IpAddr, String> {
+    s.parse().map_err(|_| format!("{field} {s:?} is not an IP address"))
+}
+
+fn optional_ip(s: Option<String>, field: &str) -> Result<Option<IpAddr>, String> {
+    match s.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => parse_ip(s, field).map(Some),
+    }
+}
+
+fn cidr(c: CidrJson, field: &str) -> Result<IpNet, String> {
+    let ip = parse_ip(&c.ip, field)?;
+    let bits = match c.mask.as_deref() {
+        Some(m) => mask_bits(m)?,
+        None => if ip.is_ipv4() { 32 } else { 128 },
+    };
+    IpNet::new(ip, bits).map_err(|e| format!("{field}: {e}"))
+}
+
+/// Decodes a node value; the key must be `cilium/state/nodes/v1/<cluster>/<name>`.
+pub fn decode_node(meta: KvMeta, value: &[u8]) -> Result<NodeEntry, Malformed> {
+    let fail = |reason: String| Malformed::new(meta.clone(), value, reason);
+    let j: NodeJson = serde_json::from_slice(value).map_err(|e| fail(format!("node JSON: {e}")))?;
+    if j.name.is_empty() || j.cluster.is_empty() {
+        return Err(fail("node has an empty Name or Cluster".into()));
+    }
+    let key_tail = meta.key.strip_prefix(NODES_PREFIX).unwrap_or_default();
+    let expected = format!("{}/{}", j.cluster, j.name);
+    if key_tail != expected {
+        return Err(fail(format!("value names node {expected:?} but the key says {key_tail:?}")));
+    }
+    let addresses = j
+        .ip_addresses
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| Ok(NodeAddress { ip: parse_ip(&a.ip, &format!("{} address", a.addr_type))?, addr_type: a.addr_type }))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(&fail)?;
+    let cidrs = |v: Option<Vec<CidrJson>>, f: &str| -> Result<Vec<IpNet>, String> {
+        v.unwrap_or_default().into_iter().map(|c| cidr(c, f)).collect()
+    };
+    let result = (|| -> Result<NodeEntry, String> {
+        Ok(NodeEntry {
+            ipv4_alloc_cidr: j.ipv4_alloc_cidr.map(|c| cidr(c, "IPv4AllocCIDR")).transpose()?,
+            ipv6_alloc_cidr: j.ipv6_alloc_cidr.map(|c| cidr(c, "IPv6AllocCIDR")).transpose()?,
+            ipv4_secondary_alloc_cidrs: cidrs(j.ipv4_secondary, "IPv4SecondaryAllocCIDRs")?,
+            ipv6_secondary_alloc_cidrs: cidrs(j.ipv6_secondary, "IPv6SecondaryAllocCIDRs")?,
+            ipv4_health_ip: optional_ip(j.ipv4_health_ip, "IPv4HealthIP")?,
+            ipv6_health_ip: optional_ip(j.ipv6_health_ip, "IPv6HealthIP")?,
+            ipv4_ingress_ip: optional_ip(j.ipv4_ingress_ip, "IPv4IngressIP")?,
+            ipv6_ingress_ip: optional_ip(j.ipv6_ingress_ip, "IPv6IngressIP")?,
+            cluster_id: j.cluster_id.unwrap_or(0),
+            source: j.source.unwrap_or_default(),
+            encryption_key: j.encryption_key.unwrap_or(0),
+            node_identity: j.node_identity.unwrap_or(0),
+            name: j.name,
+            cluster: j.cluster,
+            addresses,
+            meta: meta.clone(),
+        })
+    })();
+    result.map_err(fail)
+}
+
+// ---------- ip/v1 ----------
+
+/// `cilium/state/ip/v1/default/<ip>[/<bits>]` (IPIdentityPair).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IpEntry {
+    #[serde(flatten)]
+    pub meta: KvMeta,
+    /// The address as a prefix (/32 or /128 for endpoints, whose Mask is null).
+    pub prefix: IpNet,
+    pub host_ip: Option<IpAddr>,
+    pub identity: u32,
+    pub encrypt_key: u8,
+    pub metadata: String,
+    pub k8s_namespace: Option<String>,
+    pub k8s_pod_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IpJson {
+    #[serde(rename = "IP")]
+    ip: String,
+    #[serde(rename = "Mask", default)]
+    mask: Option<String>,
+    #[serde(rename = "HostIP", default)]
+    host_ip: Option<String>,
+    #[serde(rename = "ID")]
+    id: u32,
+    #[serde(rename = "Key", default)]
+    key: Option<u8>,
+    #[serde(rename = "Metadata", default)]
+    metadata: Option<String>,
+    #[serde(rename = "K8sNamespace", default)]
+    k8s_namespace: Option<String>,
+    #[serde(rename = "K8sPodName", default)]
+    k8s_pod_name: Option<String>,
+}
+
+/// The prefix a key names: `<ip>` or `<ip>/<bits>` after `cilium/state/ip/v1/<space>/`.
+fn ip_key_prefix(key: &str) -> Result<IpNet, String> {
+    let rest = key.strip_prefix(IP_PREFIX).ok_or("not an ip/v1 key")?;
+    let (_space, addr) = rest.split_once('/').ok_or("ip/v1 key has no address space segment")?;
+    if addr.contains('/') {
+        addr.parse::<IpNet>().map_err(|_| format!("key suffix {addr:?} is not an IP prefix"))
+    } else {
+        addr.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("key suffix {addr:?} is not an IP address"))
+    }
+}
+
+pub fn decode_ip(meta: KvMeta, value: &[u8]) -> Result<IpEntry, Malformed> {
+    let fail = |reason: String| Malformed::new(meta.clone(), value, reason);
+    let key_prefix = ip_key_prefix(&meta.key).map_err(&fail)?;
+    let j: IpJson = serde_json::from_slice(value).map_err(|e| fail(format!("IPIdentityPair JSON: {e}")))?;
+    let ip = parse_ip(&j.ip, "IP").map_err(&fail)?;
+    let prefix = match j.mask.as_deref() {
+        None => IpNet::from(ip),
+        Some(m) => IpNet::new(ip, mask_bits(m).map_err(&fail)?).map_err(|e| fail(e.to_string()))?,
+    };
+    if prefix != key_prefix {
+        return Err(fail(format!("value is for {prefix} but the key names {key_prefix}")));
+    }
+    Ok(IpEntry {
+        prefix,
+        host_ip: optional_ip(j.host_ip, "HostIP").map_err(&fail)?,
+        identity: j.id,
+        encrypt_key: j.key.unwrap_or(0),
+        metadata: j.metadata.unwrap_or_default(),
+        k8s_namespace: j.k8s_namespace.filter(|s| !s.is_empty()),
+        k8s_pod_name: j.k8s_pod_name.filter(|s| !s.is_empty()),
+        meta,
+    })
+}
+
+// ---------- identities ----------
+
+/// `cilium/state/identities/v1/id/<id>` → its label string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityEntry {
+    #[serde(flatten)]
+    pub meta: KvMeta,
+    pub id: u32,
+    /// `source:key=value;` labels as Cilium renders them.
+    pub labels: String,
+}
+
+pub fn decode_identity(meta: KvMeta, value: &[u8]) -> Result<IdentityEntry, Malformed> {
+    let fail = |reason: String| Malformed::new(meta.clone(), value, reason);
+    let id_str = meta.key.strip_prefix(IDENTITY_ID_PREFIX).unwrap_or_default();
+    let id: u32 = id_str.parse().map_err(|_| fail(format!("identity id {id_str:?} is not a number")))?;
+    let labels = std::str::from_utf8(value).map_err(|_| fail("labels are not UTF-8".into()))?;
+    if labels.is_empty() {
+        return Err(fail("identity has no labels".into()));
+    }
+    Ok(IdentityEntry { id, labels: labels.to_owned(), meta })
+}
+
+/// `cilium/state/identities/v1/value/<labels>/<node-ip>` → id: this node uses the identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityReference {
+    #[serde(flatten)]
+    pub meta: KvMeta,
+    pub labels: String,
+    /// The suffix: the node's IP (docs say name; Cilium writes the IP).
+    pub node: String,
+    pub id: u32,
+}
+
+pub fn decode_identity_reference(meta: KvMeta, value: &[u8]) -> Result<IdentityReference, Malformed> {
+    let fail = |reason: String| Malformed::new(meta.clone(), value, reason);
+    let rest = meta.key.strip_prefix(IDENTITY_VALUE_PREFIX).unwrap_or_default();
+    // Labels may contain '/', the node suffix does not.
+    let (labels, node) = rest.rsplit_once('/').ok_or_else(|| fail("value key has no /<node> suffix".into()))?;
+    let text = std::str::from_utf8(value).map_err(|_| fail("id is not UTF-8".into()))?;
+    let id: u32 = text.trim().parse().map_err(|_| fail(format!("id {text:?} is not a number")))?;
+    Ok(IdentityReference { labels: labels.to_owned(), node: node.to_owned(), id, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(key: &str) -> KvMeta {
+        KvMeta { key: key.into(), mod_revision: 1, lease: 0 }
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask_bits("////AA=="), Ok(24));
+        assert_eq!(mask_bits("//8AAA=="), Ok(16));
+        assert_eq!(mask_bits("//////////8AAAAAAAAAAA=="), Ok(64));
+        assert!(mask_bits("/w8AAA==").is_err());
+        assert!(mask_bits("%%").is_err());
+    }
+
+    #[test]
+    fn real_1_7_node_and_clustermesh_node() {
+        let v = br#"{"Name":"k8s-node1","Cluster":"default","IPAddresses":[{"Type":"InternalIP","IP":"10.5.1.132"},{"Type":"CiliumInternalIP","IP":"10.6.1.124"}],"IPv4AllocCIDR":{"IP":"10.6.1.0","Mask":"////AA=="},"IPv6AllocCIDR":null,"IPv4HealthIP":"","IPv6HealthIP":"","ClusterID":0,"Source":"local","EncryptionKey":0}"#;
+        let n = decode_node(meta("cilium/state/nodes/v1/default/k8s-node1"), v).unwrap();
+        assert_eq!(n.address_of("CiliumInternalIP", true), Some("10.6.1.124".parse().unwrap()));
+        assert_eq!(n.node_ip(true), Some("10.5.1.132".parse().unwrap()));
+        assert_eq!(n.ipv4_alloc_cidr, Some("10.6.1.0/24".parse().unwrap()));
+        assert_eq!((n.ipv4_health_ip, n.ipv6_alloc_cidr), (None, None));
+
+        let s1 = br#"{"Name":"test-node-1","Cluster":"cluster3","IPAddresses":[{"Type":"InternalIP","IP":"172.18.0.2"},{"Type":"InternalIP","IP":"fc00:c111::2"},{"Type":"CiliumInternalIP","IP":"10.244.0.10"},{"Type":"CiliumInternalIP","IP":"fd00:10:244::e2d6"}],"IPv4AllocCIDR":{"IP":"10.244.0.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":{"IP":"fd00:10:244::","Mask":"//////////8AAAAAAAAAAA=="},"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"10.244.0.134","IPv6HealthIP":"fd00:10:244::d812","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":3,"Source":"custom-resource","EncryptionKey":0,"Labels":{"kubernetes.io/hostname":"test-node-1"},"Annotations":{"network.cilium.io/wg-pub-key":"VRks"},"NodeIdentity":0,"WireguardPubKey":"VRks","BootID":"570d3fd1"}"#;
+        let n = decode_node(meta("cilium/state/nodes/v1/cluster3/test-node-1"), s1).unwrap();
+        assert_eq!(n.cluster_id, 3);
+        assert_eq!(n.ipv6_alloc_cidr, Some("fd00:10:244::/64".parse().unwrap()));
+        assert_eq!(n.node_ip(false), Some("fc00:c111::2".parse().unwrap()));
+        assert_eq!(n.ipv6_health_ip, Some("fd00:10:244::d812".parse().unwrap()));
+
+        let wrong_key = decode_node(meta("cilium/state/nodes/v1/default/other"), v).unwrap_err();
+        assert!(wrong_key.reason.contains("key says"), "{}", wrong_key.reason);
+        assert!(decode_node(meta("cilium/state/nodes/v1/default/x"), b"{not json").is_err());
+    }
+
+    #[test]
+    fn ip_entries() {
+        let v = br#"{"IP":"10.244.2.74","Mask":null,"HostIP":"172.18.0.2","ID":199475,"Key":5,"Metadata":"","K8sNamespace":"bar","K8sPodName":"cep-002"}"#;
+        let e = decode_ip(meta("cilium/state/ip/v1/default/10.244.2.74"), v).unwrap();
+        assert_eq!((e.identity, e.encrypt_key), (199475, 5));
+        assert_eq!(e.prefix, "10.244.2.74/32".parse().unwrap());
+        assert_eq!(e.host_ip, Some("172.18.0.2".parse().unwrap()));
+        let cidr = br#"{"IP":"10.0.114.0","Mask":"////AA==","HostIP":"","ID":2}"#;
+        assert_eq!(decode_ip(meta("cilium/state/ip/v1/default/10.0.114.0/24"), cidr).unwrap().prefix, "10.0.114.0/24".parse().unwrap());
+        let mismatch = decode_ip(meta("cilium/state/ip/v1/default/10.244.2.75"), v).unwrap_err();
+        assert!(mismatch.reason.contains("key names 10.244.2.75/32"), "{}", mismatch.reason);
+        assert!(decode_ip(meta("cilium/state/ip/v1/default/10.abfd.114.197"), v).is_err());
+        assert!(decode_ip(meta("cilium/state/ip/v1/default/192.0.2.3/54"), v).is_err());
+        let bad_id = br#"{"IP":"10.244.2.74","ID":"x"}"#;
+        assert!(decode_ip(meta("cilium/state/ip/v1/default/10.244.2.74"), bad_id).unwrap_err().reason.contains("JSON"));
+    }
+
+    #[test]
+    fn identities() {
+        let i = decode_identity(meta("cilium/state/identities/v1/id/13110"), b"unspec:app=foo;reserved:init=;").unwrap();
+        assert_eq!(i.id, 13110);
+        assert!(decode_identity(meta("cilium/state/identities/v1/id/abc"), b"x;").unwrap_err().reason.contains("not a number"));
+        let r = decode_identity_reference(meta("cilium/state/identities/v1/value/k8s:app.kubernetes.io/name=x;/10.5.1.132"), b"13110").unwrap();
+        assert_eq!((r.labels.as_str(), r.node.as_str(), r.id), ("k8s:app.kubernetes.io/name=x;", "10.5.1.132", 13110));
+        assert!(decode_identity_reference(meta("cilium/state/identities/v1/value/a;/10.0.0.1"), b"twelve").is_err());
+    }
+}
