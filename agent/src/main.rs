@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvcheck::datapath::{self, addresses, maps::ReadStrategy, ReadOptions};
 use kvcheck::model::version::CiliumVersion;
-use kvcheck::report;
+use kvcheck::{kvstore, report};
 use serde::Serialize;
 
 /// Exit code when kvcheck could not look (unreadable maps, unreachable kvstore, bad options).
@@ -31,6 +31,81 @@ enum Command {
 enum Dump {
     /// Cilium's pinned ipcache, endpoint and tunnel maps, and the node's addresses.
     Datapath(DumpDatapath),
+    /// This node's view of Cilium's kvstore: node entry, IP entries, identities, etcd health.
+    Kvstore(DumpKvstore),
+}
+
+#[derive(Args)]
+struct EtcdOptions {
+    /// Cilium's etcd client configuration (YAML); read when present.
+    #[arg(long, env = "KVCHECK_ETCD_CONFIG", default_value = kvstore::config::DEFAULT_ETCD_CONFIG)]
+    etcd_config: PathBuf,
+    /// etcd endpoints, comma-separated (overrides etcd.config and ETCDCTL_ENDPOINTS).
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// CA bundle that signed etcd's certificate.
+    #[arg(long)]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Bound on each etcd request and connection attempt, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    etcd_timeout: f64,
+    /// Also count KVStoreMesh's cilium/cache/ keys.
+    #[arg(long)]
+    include_kvstoremesh_cache: bool,
+}
+
+#[derive(Args)]
+struct NodeIdentityArgs {
+    /// This node's name in Cilium (the DaemonSet sets NODE_NAME from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Cilium's cluster name.
+    #[arg(long, env = "KVCHECK_CLUSTER_NAME", default_value = "default")]
+    cluster_name: String,
+}
+
+#[derive(Args)]
+struct DumpKvstore {
+    #[command(flatten)]
+    etcd: EtcdOptions,
+    #[command(flatten)]
+    node: NodeIdentityArgs,
+    #[arg(long, short, value_enum, default_value = "table")]
+    output: Output,
+}
+
+impl EtcdOptions {
+    fn settings(&self) -> anyhow::Result<kvstore::config::EtcdSettings> {
+        use kvstore::config::{EtcdSettings, Overrides};
+        let mut s = if self.etcd_config.exists() {
+            EtcdSettings::from_config_file(&self.etcd_config)?
+        } else {
+            EtcdSettings::default()
+        };
+        s.apply(Overrides::from_env(|k| std::env::var(k).ok()), "ETCDCTL_* environment");
+        s.apply(
+            Overrides {
+                endpoints: self.etcd_endpoints.clone(),
+                trusted_ca_file: self.etcd_cacert.clone(),
+                cert_file: self.etcd_cert.clone(),
+                key_file: self.etcd_key.clone(),
+                ..Default::default()
+            },
+            "command-line flags",
+        );
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.etcd_timeout.max(0.1))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -105,15 +180,53 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
                 snapshot: &snapshot,
                 addresses: &host,
             };
-            use std::io::Write as _;
-            // stdout is line-buffered and JSON has no newlines: buffer in big blocks instead.
-            let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-            serde_json::to_writer(&mut stdout, &doc).context("writing JSON to stdout")?;
-            writeln!(stdout)?;
-            stdout.flush().context("writing JSON to stdout")?;
+            write_json(&doc)?;
         }
         Output::Table => print!("{}", report::datapath::render(&snapshot, &host)),
     }
+    Ok(())
+}
+
+async fn dump_kvstore(args: &DumpKvstore) -> anyhow::Result<()> {
+    let settings = args.etcd.settings()?;
+    let timeout = args.etcd.timeout();
+    let health = kvstore::health::cluster_health(&settings, timeout).await;
+    if health.connected == 0 {
+        let reasons: Vec<String> = health
+            .endpoints
+            .iter()
+            .map(|e| format!("{}: {}", e.endpoint, e.error.as_deref().unwrap_or("unreachable")))
+            .collect();
+        anyhow::bail!("{}: no etcd endpoint answered ({})", health.status_line(), reasons.join("; "));
+    }
+    // tonic's balanced channel keeps picking dead members; read from the ones that answered.
+    let etcd = kvstore::client::Etcd::connect_to(&settings, health.reachable_endpoints(), timeout).await?;
+    let list = kvstore::reader::ListOptions {
+        include_cache: args.etcd.include_kvstoremesh_cache,
+        ..Default::default()
+    };
+    let snap = kvstore::reader::read_snapshot(&etcd, &list).await?;
+    let node_name = args.node.node_name.as_deref();
+    let lease = node_name
+        .and_then(|n| snap.nodes.iter().find(|e| e.name == n && e.cluster == args.node.cluster_name))
+        .map_or(0, |n| n.meta.lease);
+    let ttl = kvstore::health::lease_ttl(&etcd, lease).await;
+    let view = kvstore::view::node_view(&snap, health, &args.node.cluster_name, node_name, ttl, chrono::Utc::now());
+    match args.output {
+        Output::Json => write_json(&view)?,
+        Output::Table => print!("{}", report::kvstore::render(&view)),
+    }
+    Ok(())
+}
+
+/// One JSON document on stdout, written in large blocks (stdout is line-buffered and JSON has
+/// no newlines).
+fn write_json(value: &impl Serialize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    serde_json::to_writer(&mut stdout, value).context("writing JSON to stdout")?;
+    writeln!(stdout)?;
+    stdout.flush().context("writing JSON to stdout")?;
     Ok(())
 }
 
@@ -136,6 +249,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Dump(Dump::Datapath(args)) => dump_datapath(args).await,
+            Command::Dump(Dump::Kvstore(args)) => dump_kvstore(args).await,
         }
     });
     match result {

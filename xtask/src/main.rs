@@ -48,6 +48,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
     ("iproute2", "ip"),
+    ("openssl", "openssl"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

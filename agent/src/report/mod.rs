@@ -1,3 +1,4 @@
 //! Rendering for people (tables) and machines (JSON).
 
 pub mod datapath;
+pub mod kvstore;

@@ -1,0 +1,130 @@
+//! etcd cluster health as Cilium reports it: per-endpoint status, `n/m connected`, leader,
+//! heartbeat age, and the TTL left on this node's lease.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::client::{Etcd, KvstoreError};
+use super::config::EtcdSettings;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointStatus {
+    pub endpoint: String,
+    pub reachable: bool,
+    pub version: Option<String>,
+    pub member_id: Option<String>,
+    pub is_leader: bool,
+    pub revision: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterHealth {
+    pub endpoints: Vec<EndpointStatus>,
+    pub connected: usize,
+    pub total: usize,
+    /// The endpoint of the leader, as reported by a reachable member.
+    pub leader: Option<String>,
+    pub members: Vec<String>,
+}
+
+impl ClusterHealth {
+    /// Endpoints that answered, leader first (reads then go to the member that is surely current).
+    pub fn reachable_endpoints(&self) -> Vec<String> {
+        let mut eps: Vec<&EndpointStatus> = self.endpoints.iter().filter(|e| e.reachable).collect();
+        eps.sort_by_key(|e| !e.is_leader);
+        eps.into_iter().map(|e| e.endpoint.clone()).collect()
+    }
+
+    /// `etcd: 3/3 connected, leader https://127.0.0.1:2379, revision 42`.
+    pub fn status_line(&self) -> String {
+        let revision = self.endpoints.iter().filter_map(|e| e.revision).max();
+        let mut s = format!("etcd: {}/{} connected", self.connected, self.total);
+        match &self.leader {
+            Some(l) => s.push_str(&format!(", leader {l}")),
+            None => s.push_str(", no leader"),
+        }
+        if let Some(r) = revision {
+            s.push_str(&format!(", revision {r}"));
+        }
+        s
+    }
+}
+
+/// Asks every configured endpoint for its own status, concurrently, each bounded by `timeout`.
+pub async fn cluster_health(settings: &EtcdSettings, timeout: Duration) -> ClusterHealth {
+    let probes = settings.endpoints.iter().map(|ep| probe(settings, ep.clone(), timeout));
+    let results = futures::future::join_all(probes).await;
+    let mut endpoints = Vec::new();
+    let mut leader_id = None;
+    let mut members = Vec::new();
+    for (status, leader, member_urls) in results {
+        if leader.is_some() {
+            leader_id = leader;
+        }
+        if members.is_empty() {
+            members = member_urls;
+        }
+        endpoints.push(status);
+    }
+    let leader_hex = leader_id.map(|id| format!("{id:x}"));
+    for e in &mut endpoints {
+        e.is_leader = e.member_id.is_some() && e.member_id == leader_hex;
+    }
+    let leader = endpoints.iter().find(|e| e.is_leader).map(|e| e.endpoint.clone());
+    ClusterHealth {
+        connected: endpoints.iter().filter(|e| e.reachable).count(),
+        total: endpoints.len(),
+        endpoints,
+        leader,
+        members: members.into_iter().map(|(name, urls)| format!("{name} {urls}")).collect(),
+    }
+}
+
+async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> (EndpointStatus, Option<u64>, Vec<(String, String)>) {
+    let mut status = EndpointStatus {
+        endpoint: endpoint.clone(),
+        reachable: false,
+        version: None,
+        member_id: None,
+        is_leader: false,
+        revision: None,
+        error: None,
+    };
+    let result: Result<_, KvstoreError> = async {
+        let etcd = Etcd::connect_to(settings, vec![endpoint.clone()], timeout).await?;
+        let mut maint = etcd.client.maintenance_client();
+        let st = etcd.call("status", maint.status()).await?;
+        let mut cluster = etcd.client.cluster_client();
+        let members = etcd.call("member list", cluster.member_list()).await.ok();
+        Ok((st, members))
+    }
+    .await;
+    match result {
+        Ok((st, members)) => {
+            status.reachable = true;
+            status.version = Some(st.version().to_owned());
+            status.member_id = st.header().map(|h| format!("{:x}", h.member_id()));
+            status.revision = st.header().map(|h| h.revision());
+            let member_urls = members
+                .map(|m| m.members().iter().map(|m| (m.name().to_owned(), m.client_urls().join(","))).collect())
+                .unwrap_or_default();
+            (status, Some(st.leader()).filter(|l| *l != 0), member_urls)
+        }
+        Err(e) => {
+            status.error = Some(e.to_string());
+            (status, None, Vec::new())
+        }
+    }
+}
+
+/// Seconds left on a lease (`None` when it has expired or cannot be read).
+pub async fn lease_ttl(etcd: &Etcd, lease: i64) -> Option<i64> {
+    if lease == 0 {
+        return None;
+    }
+    let mut leases = etcd.client.lease_client();
+    let resp = etcd.call("lease time-to-live", leases.time_to_live(lease, None)).await.ok()?;
+    (resp.ttl() >= 0).then_some(resp.ttl())
+}

@@ -1,0 +1,244 @@
+//! Real etcd servers for tests: a single plaintext member or a 3-member cluster with TLS
+//! client-certificate auth (certificates made at test time with openssl), on free loopback
+//! ports with temporary data dirs. Members are stopped and their data removed on drop.
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn temp_dir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Certificates for a TLS cluster.
+pub struct Tls {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A CA that signed nothing here (for wrong-CA tests).
+    pub other_ca: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().context("running openssl")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Tls {
+    pub fn generate() -> Result<Tls> {
+        let dir = temp_dir("kvcheck-tls")?;
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let (key, crt, subj) = (format!("{ca}.key"), format!("{ca}.crt"), format!("/CN=kvcheck test {ca}"));
+            let mut a = vec!["req", "-x509"];
+            a.extend(ec);
+            a.extend(["-keyout", key.as_str(), "-out", crt.as_str(), "-days", "2", "-subj", subj.as_str()]);
+            openssl(&dir, &a)?;
+        }
+        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let mut a = vec!["req"];
+            a.extend(ec);
+            let subj = format!("/CN={name}");
+            a.extend(["-keyout", key.as_str(), "-out", csr.as_str(), "-subj", subj.as_str()]);
+            openssl(&dir, &a)?;
+            let ext = format!("{name}.ext");
+            std::fs::write(dir.join(&ext), format!("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n"))?;
+            let crt = format!("{name}.crt");
+            openssl(&dir, &["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days", "2", "-extfile", &ext])?;
+        }
+        Ok(Tls {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.crt"),
+            dir,
+        })
+    }
+
+    /// Cilium's etcd.config for these endpoints, written into the TLS dir.
+    pub fn etcd_config(&self, endpoints: &[String], ca: &Path) -> Result<PathBuf> {
+        let path = self.dir.join(format!("etcd-{}.config", free_port()?));
+        let list: String = endpoints.iter().map(|e| format!("  - {e}\n")).collect();
+        std::fs::write(
+            &path,
+            format!(
+                "---\nendpoints:\n{list}trusted-ca-file: '{}'\nkey-file: '{}'\ncert-file: '{}'\n",
+                ca.display(),
+                self.client_key.display(),
+                self.client_cert.display()
+            ),
+        )?;
+        Ok(path)
+    }
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Member {
+    pub name: String,
+    pub client_url: String,
+    metrics_port: u16,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One etcd cluster (1 or 3 members).
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    pub tls: Option<Tls>,
+    binary: String,
+}
+
+fn health_ok(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+impl EtcdCluster {
+    pub fn single() -> Result<EtcdCluster> {
+        Self::start(1, false, "etcd")
+    }
+
+    pub fn three_tls() -> Result<EtcdCluster> {
+        Self::start(3, true, "etcd")
+    }
+
+    /// Starts `n` members of `binary` (Debian's `etcd` 3.4, or another etcd build).
+    pub fn start(n: usize, tls: bool, binary: &str) -> Result<EtcdCluster> {
+        let tls = if tls { Some(Tls::generate()?) } else { None };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut plan = Vec::new();
+        for i in 0..n {
+            plan.push((format!("m{i}"), free_port()?, free_port()?, free_port()?));
+        }
+        let initial: Vec<String> = plan.iter().map(|(name, _, peer, _)| format!("{name}=http://127.0.0.1:{peer}")).collect();
+        let token = format!("kvcheck-{}-{}", std::process::id(), plan[0].1);
+        let mut members = Vec::new();
+        for (name, client, peer, metrics) in plan {
+            let data_dir = temp_dir(&format!("kvcheck-etcd-{name}"))?;
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
+            let mut cmd = Command::new(binary);
+            cmd.args(["--name", &name, "--data-dir"])
+                .arg(&data_dir)
+                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-token", &token])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some(t) = &tls {
+                cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
+                cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+            }
+            let child = cmd.spawn().with_context(|| format!("starting {binary}"))?;
+            members.push(Member { name, client_url, metrics_port: metrics, data_dir, child: Some(child) });
+        }
+        let cluster = EtcdCluster { members, tls, binary: binary.to_owned() };
+        cluster.wait_ready(Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.members.iter().filter(|m| m.is_running()).all(|m| health_ok(m.metrics_port)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{} cluster not healthy after {limit:?}", self.binary)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    pub fn endpoints_arg(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    /// Kills member `i` (SIGKILL: a crash, not a clean leave).
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].stop();
+    }
+
+    /// `etcdctl` against this cluster (ETCDCTL_API=3), with TLS flags when needed.
+    pub fn etcdctl(&self) -> Command {
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3").arg("--endpoints").arg(self.endpoints_arg());
+        if let Some(t) = &self.tls {
+            c.arg("--cacert").arg(&t.ca).arg("--cert").arg(&t.client_cert).arg("--key").arg(&t.client_key);
+        }
+        c
+    }
+
+    /// Writes key/value pairs (seeding test data; kvcheck itself never writes).
+    pub fn put_all(&self, pairs: &[(String, String)]) -> Result<()> {
+        for (k, v) in pairs {
+            // `--` so values starting with '-' are not taken for flags.
+            let out = self.etcdctl().args(["put", "--", k, v]).output()?;
+            if !out.status.success() {
+                bail!("etcdctl put {k}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        // Followers first, then the leader, is the fast order; killing all at once is fine
+        // for tests since data dirs are thrown away.
+        for m in &mut self.members {
+            m.stop();
+            let _ = std::fs::remove_dir_all(&m.data_dir);
+        }
+    }
+}
