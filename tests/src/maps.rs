@@ -174,15 +174,7 @@ impl WriterMap {
 
     pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
         self.check(key, Some(value));
-        let mut attr = ElemAttr {
-            map_fd: self.fd.as_raw_fd() as u32,
-            key: key.as_ptr() as u64,
-            value_or_next_key: value.as_ptr() as u64,
-            ..ElemAttr::default()
-        };
-        // SAFETY: key/value are the map's sizes (checked above).
-        unsafe { sys::bpf(sys::BPF_MAP_UPDATE_ELEM, &mut attr)? };
-        Ok(())
+        self.update_unchecked(key, value)
     }
 
     /// Writes raw bytes of any length (for tests that provoke kernel errors).
