@@ -28,9 +28,7 @@ pub struct LayoutChoice {
 impl LayoutChoice {
     pub fn from_version(v: CiliumVersion, layout: Layout) -> Self {
         let mut reasons = vec![format!("--cilium-version {v}")];
-        if Layout::for_version(CiliumVersion { patch: None, ..v }) == Ok(Layout::V1_20)
-            && (v.major, v.minor) > (1, 20)
-        {
+        if (v.major, v.minor) > (1, 20) {
             reasons.push(format!("{v} is newer than any release kvcheck knows; using the newest layout"));
         }
         LayoutChoice {
