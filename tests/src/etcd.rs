@@ -100,6 +100,8 @@ impl Drop for Tls {
 
 pub struct Member {
     pub name: String,
+    /// How to start it again (same name, ports and data dir).
+    command: Vec<std::ffi::OsString>,
     pub client_url: String,
     metrics_port: u16,
     data_dir: PathBuf,
@@ -177,8 +179,11 @@ impl EtcdCluster {
                 cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
                 cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
             }
+            let command: Vec<std::ffi::OsString> = std::iter::once(cmd.get_program().to_owned())
+                .chain(cmd.get_args().map(ToOwned::to_owned))
+                .collect();
             let child = cmd.spawn().with_context(|| format!("starting {binary}"))?;
-            members.push(Member { name, client_url, metrics_port: metrics, data_dir, child: Some(child) });
+            members.push(Member { name, command, client_url, metrics_port: metrics, data_dir, child: Some(child) });
         }
         let cluster = EtcdCluster { members, tls, binary: binary.to_owned() };
         cluster.wait_ready(Duration::from_secs(20))?;
@@ -209,6 +214,21 @@ impl EtcdCluster {
         self.members[i].stop();
     }
 
+    /// Starts a stopped member again with its data (as after a crash and restart).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        if m.child.is_none() {
+            let child = Command::new(&m.command[0])
+                .args(&m.command[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("restarting etcd")?;
+            m.child = Some(child);
+        }
+        self.wait_ready(Duration::from_secs(20))
+    }
+
     /// `etcdctl` against this cluster (ETCDCTL_API=3), with TLS flags when needed.
     pub fn etcdctl(&self) -> Command {
         let mut c = Command::new("etcdctl");
@@ -217,6 +237,22 @@ impl EtcdCluster {
             c.arg("--cacert").arg(&t.ca).arg("--cert").arg(&t.client_cert).arg("--key").arg(&t.client_key);
         }
         c
+    }
+
+    /// Runs etcdctl with `args`, failing on error; returns stdout.
+    pub fn etcdctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.etcdctl().args(args).output()?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The cluster's current revision.
+    pub fn revision(&self) -> Result<i64> {
+        let out = self.etcdctl_ok(&["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["Status"]["header"]["revision"].as_i64().context("no revision in endpoint status")
     }
 
     /// Writes key/value pairs (seeding test data; kvcheck itself never writes).

@@ -7,3 +7,4 @@ pub mod health;
 pub mod reader;
 pub mod values;
 pub mod view;
+pub mod watch;

@@ -103,9 +103,12 @@ fn meta(kv: &etcd_client::KeyValue) -> KvMeta {
 
 /// Decodes listed key-values into `snap`, sorting each key to its kind by prefix.
 pub fn decode_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue]) {
-    for kv in kvs {
-        let m = meta(kv);
-        let v = kv.value();
+    decode_raw_into(snap, kvs.iter().map(|kv| (meta(kv), kv.value())));
+}
+
+/// [`decode_into`] over (meta, value) pairs from any source (a list or a watch mirror).
+pub fn decode_raw_into<'a>(snap: &mut KvstoreSnapshot, kvs: impl Iterator<Item = (KvMeta, &'a [u8])>) {
+    for (m, v) in kvs {
         let key = m.key.as_str();
         if key.starts_with(values::NODES_PREFIX) {
             push(&mut snap.nodes, &mut snap.malformed, values::decode_node(m, v));
@@ -124,6 +127,8 @@ pub fn decode_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue]) {
             snap.heartbeat = Some((m, String::from_utf8_lossy(v).into_owned()));
         } else if key.starts_with(values::SYNCED_PREFIX) {
             snap.synced.push((m, String::from_utf8_lossy(v).into_owned()));
+        } else if key.starts_with(values::KVSTOREMESH_CACHE_PREFIX) {
+            *snap.cache_keys.get_or_insert(0) += 1;
         }
     }
 }
@@ -147,17 +152,5 @@ pub const SNAPSHOT_PREFIXES: &[&str] = &[
 
 /// Lists all of Cilium's state at one revision and decodes it.
 pub async fn read_snapshot(etcd: &Etcd, opts: &ListOptions) -> Result<KvstoreSnapshot, KvstoreError> {
-    let mut snap = KvstoreSnapshot::default();
-    let mut revision = None;
-    for prefix in SNAPSHOT_PREFIXES {
-        let (rev, kvs) = list_prefix(etcd, prefix, revision, opts.page_size).await?;
-        revision = Some(rev);
-        decode_into(&mut snap, &kvs);
-    }
-    if opts.include_cache {
-        let (_, kvs) = list_prefix(etcd, values::KVSTOREMESH_CACHE_PREFIX, revision, opts.page_size).await?;
-        snap.cache_keys = Some(kvs.len());
-    }
-    snap.revision = revision.unwrap_or(0);
-    Ok(snap)
+    Ok(super::watch::KvstoreMirror::list(etcd, opts).await?.snapshot())
 }

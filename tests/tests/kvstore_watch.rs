@@ -1,0 +1,128 @@
+//! Watching Cilium's keys against a real etcd: puts, deletes, a forced compaction while the
+//! watcher is behind, and a restarted member all end in exactly the state a fresh list gives.
+
+use std::time::Duration;
+
+use kvcheck::kvstore::client::Etcd;
+use kvcheck::kvstore::config::EtcdSettings;
+use kvcheck::kvstore::reader::ListOptions;
+use kvcheck::kvstore::watch::{Change, KvstoreMirror, KvstoreWatcher};
+use kvcheck_tests::etcd::EtcdCluster;
+use kvcheck_tests::require_root;
+
+fn ip_value(ip: &str, id: u32) -> String {
+    format!(r#"{{"IP":"{ip}","Mask":null,"HostIP":"10.5.1.133","ID":{id},"Key":0}}"#)
+}
+
+async fn next_with_timeout(w: &mut KvstoreWatcher) -> kvcheck::kvstore::watch::WatchBatch {
+    tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("watch batch within 10 s").expect("watch batch")
+}
+
+/// Reads batches until the mirror's revision reaches `rev`.
+async fn catch_up(w: &mut KvstoreWatcher, rev: i64) -> Vec<Change> {
+    let mut all = Vec::new();
+    while w.mirror().revision < rev {
+        all.extend(next_with_timeout(w).await.changes);
+    }
+    all
+}
+
+#[test]
+fn watch_with_compaction_and_restart_matches_a_fresh_list() {
+    if !require_root("watch_with_compaction_and_restart_matches_a_fresh_list") {
+        return;
+    }
+    let mut etcd = EtcdCluster::single().unwrap();
+    let ip_key = |ip: &str| format!("cilium/state/ip/v1/default/{ip}");
+    etcd.put_all(&[(ip_key("10.6.7.1"), ip_value("10.6.7.1", 300)), (ip_key("10.6.7.2"), ip_value("10.6.7.2", 300))]).unwrap();
+    let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
+        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap();
+        assert_eq!(w.mirror().keys.len(), 2);
+
+        // Puts and deletes while watching, plus a key kvcheck does not read.
+        etcd.put_all(&[(ip_key("10.6.7.3"), ip_value("10.6.7.3", 301)), ("cilium/state/services/v1/x".into(), "{}".into())]).unwrap();
+        etcd.etcdctl_ok(&["del", &ip_key("10.6.7.1")]).unwrap();
+        let changes = catch_up(&mut w, etcd.revision().unwrap()).await;
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(matches!(&changes[0], Change::Put { key, .. } if *key == ip_key("10.6.7.3")));
+        assert!(matches!(&changes[1], Change::Delete { key, .. } if *key == ip_key("10.6.7.1")));
+
+        // A crash and restart of the member: the stream breaks, the next call resumes.
+        etcd.kill(0);
+        let err = tokio::time::timeout(Duration::from_secs(30), w.next()).await.expect("stream error within 30 s");
+        assert!(err.is_err(), "expected the watch to break when etcd died");
+        etcd.restart(0).unwrap();
+        etcd.put_all(&[(ip_key("10.6.7.4"), ip_value("10.6.7.4", 302))]).unwrap();
+        let changes = loop {
+            match tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("batch after restart") {
+                Ok(b) => break b.changes,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert!(matches!(&changes[0], Change::Put { key, .. } if *key == ip_key("10.6.7.4")), "{changes:?}");
+
+        // Keys change and the history is compacted while the watcher is not reading.
+        etcd.etcdctl_ok(&["del", &ip_key("10.6.7.2")]).unwrap();
+        etcd.put_all(&[(ip_key("10.6.7.5"), ip_value("10.6.7.5", 303)), (ip_key("10.6.7.3"), ip_value("10.6.7.3", 999))]).unwrap();
+        let rev = etcd.revision().unwrap();
+        etcd.etcdctl_ok(&["compact", &rev.to_string(), "--physical"]).unwrap();
+        // A live stream may deliver these as events, or find its revision compacted and
+        // relist; either way the mirror must end equal to a fresh list.
+        let batch = loop {
+            let b = next_with_timeout(&mut w).await;
+            if b.relisted || w.mirror().revision >= rev {
+                break b;
+            }
+        };
+        let fresh = KvstoreMirror::list(&client, &ListOptions::default()).await.unwrap();
+        assert_eq!(w.mirror().keys, fresh.keys, "mirror after the watch differs from a fresh list");
+        if batch.relisted {
+            assert!(batch.changes.iter().any(|c| matches!(c, Change::Delete { key, .. } if *key == ip_key("10.6.7.2"))), "{:?}", batch.changes);
+        }
+    });
+}
+
+#[test]
+fn compacted_start_revision_relists() {
+    if !require_root("compacted_start_revision_relists") {
+        return;
+    }
+    let etcd = EtcdCluster::single().unwrap();
+    let ip_key = |ip: &str| format!("cilium/state/ip/v1/default/{ip}");
+    etcd.put_all(&[(ip_key("10.6.8.1"), ip_value("10.6.8.1", 300)), (ip_key("10.6.8.2"), ip_value("10.6.8.2", 300))]).unwrap();
+    let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
+        // List, then (before the first watch is opened) change keys and compact past the list.
+        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap();
+        etcd.etcdctl_ok(&["del", &ip_key("10.6.8.1")]).unwrap();
+        etcd.put_all(&[(ip_key("10.6.8.3"), ip_value("10.6.8.3", 301)), (ip_key("10.6.8.2"), ip_value("10.6.8.2", 302))]).unwrap();
+        let rev = etcd.revision().unwrap();
+        etcd.etcdctl_ok(&["compact", &rev.to_string(), "--physical"]).unwrap();
+
+        let batch = next_with_timeout(&mut w).await;
+        assert!(batch.relisted, "a watch from a compacted revision must relist");
+        assert_eq!(w.relists, 1);
+        let mut keys: Vec<(String, &str)> = batch
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Put { key, .. } => (key.clone(), "put"),
+                Change::Delete { key, .. } => (key.clone(), "delete"),
+            })
+            .collect();
+        keys.sort();
+        assert_eq!(keys, vec![(ip_key("10.6.8.1"), "delete"), (ip_key("10.6.8.2"), "put"), (ip_key("10.6.8.3"), "put")]);
+        let fresh = KvstoreMirror::list(&client, &ListOptions::default()).await.unwrap();
+        assert_eq!(w.mirror().keys, fresh.keys);
+        // Exactly one copy of each change: nothing is reported twice afterwards.
+        etcd.put_all(&[(ip_key("10.6.8.4"), ip_value("10.6.8.4", 304))]).unwrap();
+        let next = next_with_timeout(&mut w).await;
+        assert_eq!(next.changes.len(), 1, "{:?}", next.changes);
+        assert!(!next.relisted);
+    });
+}
