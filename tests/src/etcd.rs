@@ -141,13 +141,24 @@ fn health_ok(port: u16) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
+/// The etcd server binary under test: Debian's `etcd` (3.4) unless `KVCHECK_TEST_ETCD` names
+/// another build (`cargo xtask test` runs the kvstore tests again with etcd 3.5 this way).
+pub fn etcd_binary() -> String {
+    std::env::var("KVCHECK_TEST_ETCD").unwrap_or_else(|_| "etcd".to_owned())
+}
+
+/// The matching etcdctl (`KVCHECK_TEST_ETCDCTL`).
+pub fn etcdctl_binary() -> String {
+    std::env::var("KVCHECK_TEST_ETCDCTL").unwrap_or_else(|_| "etcdctl".to_owned())
+}
+
 impl EtcdCluster {
     pub fn single() -> Result<EtcdCluster> {
-        Self::start(1, false, "etcd")
+        Self::start(1, false, &etcd_binary())
     }
 
     pub fn three_tls() -> Result<EtcdCluster> {
-        Self::start(3, true, "etcd")
+        Self::start(3, true, &etcd_binary())
     }
 
     /// Starts `n` members of `binary` (Debian's `etcd` 3.4, or another etcd build).
@@ -231,7 +242,7 @@ impl EtcdCluster {
 
     /// `etcdctl` against this cluster (ETCDCTL_API=3), with TLS flags when needed.
     pub fn etcdctl(&self) -> Command {
-        let mut c = Command::new("etcdctl");
+        let mut c = Command::new(etcdctl_binary());
         c.env("ETCDCTL_API", "3").arg("--endpoints").arg(self.endpoints_arg());
         if let Some(t) = &self.tls {
             c.arg("--cacert").arg(&t.ca).arg("--cert").arg(&t.client_cert).arg("--key").arg(&t.client_key);
