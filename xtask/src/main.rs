@@ -30,14 +30,12 @@ enum Task {
     /// Build a simulated node (private bpffs, netns with cilium_host, Cilium 1.7.1 maps with
     /// injected drift) and run kvcheck on it.
     Demo,
-    /// Measure kvcheck against bpftool and a raw batch-lookup loop.
+    /// Measure kvcheck against bpftool, etcdctl and a raw batch-lookup loop; writes BENCHMARKS.md.
+    /// Options: --ipcache-entries N (500000), --ips N (100000), --nodes N (5000),
+    /// --identities N (10000), --runs N (5), --only datapath|kvstore.
     Bench {
-        /// ipcache entries for the datapath read.
-        #[arg(long, default_value_t = 500_000)]
-        ipcache_entries: u32,
-        /// Runs per measurement (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        runs: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -284,14 +282,14 @@ fn main() -> Result<()> {
             let bin = release_binaries()?;
             run(Command::new(bin.join("kvcheck-demo")).env("KVCHECK_BIN", bin.join("kvcheck")))
         }
-        Task::Bench { ipcache_entries, runs } => {
+        Task::Bench { args } => {
             if !have_command("bpftool") {
                 setup()?;
             }
             let bin = release_binaries()?;
             run(Command::new(bin.join("kvcheck-bench"))
                 .env("KVCHECK_BIN", bin.join("kvcheck"))
-                .args(["--ipcache-entries", &ipcache_entries.to_string(), "--runs", &runs.to_string()])
+                .args(&args)
                 .arg("--write")
                 .arg(root().join("BENCHMARKS.md")))
         }

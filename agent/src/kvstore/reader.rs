@@ -57,40 +57,57 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Lists every key under `prefix` in pages, all at `revision` (the first page's revision when
-/// `None`). Returns the revision and the key-values.
+/// `None`), handing each page to `on_page` as it arrives so callers can decode and drop it.
+/// Returns the revision read at.
 pub async fn list_prefix(
     etcd: &Etcd,
     prefix: &str,
     revision: Option<i64>,
     page_size: i64,
-) -> Result<(i64, Vec<etcd_client::KeyValue>), KvstoreError> {
-    let mut kv = etcd.client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+    mut on_page: impl FnMut(&[etcd_client::KeyValue]),
+) -> Result<i64, KvstoreError> {
+    let kv = etcd.client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
     let end = prefix_end(prefix.as_bytes());
-    let mut start = prefix.as_bytes().to_vec();
-    let mut revision = revision;
-    let mut out = Vec::new();
+    // The first page fixes the revision; every later page is read at it.
+    let fetch = |start: Vec<u8>, revision: Option<i64>| {
+        let mut kv = kv.clone();
+        let etcd = etcd.clone();
+        let end = end.clone();
+        let what = format!("list {prefix}");
+        async move {
+            let mut opts = GetOptions::new().with_range(end).with_limit(page_size).with_serializable();
+            if let Some(rev) = revision {
+                opts = opts.with_revision(rev);
+            }
+            etcd.call(what, kv.get(start, Some(opts))).await
+        }
+    };
+    let mut resp = fetch(prefix.as_bytes().to_vec(), revision).await?;
+    let revision = revision.or_else(|| resp.header().map(|h| h.revision())).unwrap_or(0);
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page_size).with_serializable();
-        if let Some(rev) = revision {
-            opts = opts.with_revision(rev);
-        }
-        let resp = etcd.call(format!("list {prefix}"), kv.get(start.clone(), Some(opts))).await?;
-        if revision.is_none() {
-            revision = resp.header().map(|h| h.revision());
-        }
-        let more = resp.more();
-        let kvs = resp.kvs();
-        if let Some(last) = kvs.last() {
-            start = last.key().to_vec();
-            start.push(0);
-        }
-        let empty = kvs.is_empty();
-        out.extend(kvs.iter().cloned());
-        if !more || empty {
-            break;
+        // Ask for the next page before handing this one over, so etcd works on it (on the
+        // runtime's other thread) while the caller decodes.
+        let next = match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                let mut start = last.key().to_vec();
+                start.push(0);
+                Some(tokio::spawn(fetch(start, Some(revision))))
+            }
+            _ => None,
+        };
+        on_page(resp.kvs());
+        match next {
+            Some(task) => {
+                resp = task.await.map_err(|e| KvstoreError::Etcd {
+                    endpoints: etcd.endpoints.join(","),
+                    operation: format!("list {prefix}"),
+                    message: e.to_string(),
+                })??;
+            }
+            None => break,
         }
     }
-    Ok((revision.unwrap_or(0), out))
+    Ok(revision)
 }
 
 fn meta(kv: &etcd_client::KeyValue) -> KvMeta {
@@ -150,7 +167,23 @@ pub const SNAPSHOT_PREFIXES: &[&str] = &[
     values::SYNCED_PREFIX,
 ];
 
-/// Lists all of Cilium's state at one revision and decodes it.
+/// The prefixes to list for `opts`.
+pub fn prefixes(opts: &ListOptions) -> Vec<&'static str> {
+    let mut p = SNAPSHOT_PREFIXES.to_vec();
+    if opts.include_cache {
+        p.push(values::KVSTOREMESH_CACHE_PREFIX);
+    }
+    p
+}
+
+/// Lists all of Cilium's state at one revision and decodes it page by page (raw pages are
+/// dropped as soon as they are decoded, so memory holds the typed snapshot and one page).
 pub async fn read_snapshot(etcd: &Etcd, opts: &ListOptions) -> Result<KvstoreSnapshot, KvstoreError> {
-    Ok(super::watch::KvstoreMirror::list(etcd, opts).await?.snapshot())
+    let mut snap = KvstoreSnapshot::default();
+    let mut revision = None;
+    for prefix in prefixes(opts) {
+        revision = Some(list_prefix(etcd, prefix, revision, opts.page_size, |page| decode_into(&mut snap, page)).await?);
+    }
+    snap.revision = revision.unwrap_or(0);
+    Ok(snap)
 }

@@ -14,6 +14,7 @@ use super::health;
 use super::reader::{self, KvstoreSnapshot, ListOptions, SNAPSHOT_PREFIXES};
 use super::values::{KvMeta, KVSTOREMESH_CACHE_PREFIX};
 
+
 /// One key's raw value as etcd holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawKv {
@@ -40,19 +41,17 @@ impl KvstoreMirror {
     pub async fn list(etcd: &Etcd, opts: &ListOptions) -> Result<KvstoreMirror, KvstoreError> {
         let mut mirror = KvstoreMirror::default();
         let mut revision = None;
-        let mut prefixes: Vec<&str> = SNAPSHOT_PREFIXES.to_vec();
-        if opts.include_cache {
-            prefixes.push(KVSTOREMESH_CACHE_PREFIX);
-        }
-        for prefix in prefixes {
-            let (rev, kvs) = reader::list_prefix(etcd, prefix, revision, opts.page_size).await?;
+        for prefix in reader::prefixes(opts) {
+            let rev = reader::list_prefix(etcd, prefix, revision, opts.page_size, |page| {
+                for kv in page {
+                    mirror.keys.insert(
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        RawKv { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() },
+                    );
+                }
+            })
+            .await?;
             revision = Some(rev);
-            for kv in kvs {
-                mirror.keys.insert(
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    RawKv { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() },
-                );
-            }
         }
         mirror.revision = revision.unwrap_or(0);
         Ok(mirror)

@@ -11,12 +11,16 @@ use kvcheck::datapath::{self, maps::PinnedMap, sys, ReadOptions};
 use kvcheck::model::version::Layout;
 use kvcheck_tests::encode::{self, EndpointValue, IpcacheValue};
 use kvcheck_tests::kvcheck_bin;
+use kvcheck_tests::etcd::EtcdCluster;
 use kvcheck_tests::maps::{BpffsMount, CiliumMaps};
+use kvcheck_tests::simdata::{self, ClusterShape};
 
 struct Args {
     ipcache_entries: u32,
     runs: u32,
     write: Option<String>,
+    shape: ClusterShape,
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -24,6 +28,8 @@ fn parse_args() -> Result<Args> {
         ipcache_entries: 500_000,
         runs: 5,
         write: None,
+        shape: ClusterShape { nodes: 5_000, ips: 100_000, identities: 10_000 },
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -32,6 +38,10 @@ fn parse_args() -> Result<Args> {
             "--ipcache-entries" => a.ipcache_entries = value()?.parse()?,
             "--runs" => a.runs = value()?.parse()?,
             "--write" => a.write = Some(value()?),
+            "--nodes" => a.shape.nodes = value()?.parse()?,
+            "--ips" => a.shape.ips = value()?.parse()?,
+            "--identities" => a.shape.identities = value()?.parse()?,
+            "--only" => a.only = Some(value()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -90,21 +100,37 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn max_rss_children_kib() -> i64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    unsafe {
+/// Runs a command (stdout discarded) and returns its wall time and its own peak RSS in KiB.
+fn run_measured(cmd: &mut Command) -> Result<(Duration, i64)> {
+    let t = Instant::now();
+    let child = cmd.stdout(Stdio::null()).spawn()?;
+    let mut status = 0;
+    // SAFETY: wait4 fills the zeroed rusage for this child, which std has not reaped.
+    let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
-        ru.ru_maxrss
+        libc::wait4(child.id() as i32, &mut status, 0, &mut ru);
+        ru
+    };
+    let elapsed = t.elapsed();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed (status {status})");
     }
+    Ok((elapsed, ru.ru_maxrss))
 }
 
-fn main() -> Result<()> {
-    let args = parse_args()?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark creates BPF maps in a private bpffs: run it as root");
+/// Median wall time and the largest peak RSS over `runs` runs.
+fn measure(runs: u32, mut make: impl FnMut() -> Command) -> Result<(Duration, i64)> {
+    let mut times = Vec::new();
+    let mut rss = 0;
+    for _ in 0..runs {
+        let (t, r) = run_measured(&mut make())?;
+        times.push(t);
+        rss = rss.max(r);
     }
+    Ok((median(times), rss))
+}
+
+fn datapath_bench(args: &Args) -> Result<String> {
     let n = args.ipcache_entries;
     let bpffs = BpffsMount::new()?;
     let layout = Layout::V1_15;
@@ -147,10 +173,11 @@ fn main() -> Result<()> {
     })?;
     let bin = kvcheck_bin();
     let root = bpffs.root_str().to_owned();
-    let cli_json = time_runs(args.runs, || {
-        run_quiet(Command::new(&bin).args(["dump", "datapath", "--bpffs", &root, "--output", "json"]))
+    let (cli_json, kvcheck_rss) = measure(args.runs, || {
+        let mut c = Command::new(&bin);
+        c.args(["dump", "datapath", "--bpffs", &root, "--output", "json"]);
+        c
     })?;
-    let kvcheck_rss = max_rss_children_kib();
     let bpftool = time_runs(args.runs, || {
         run_quiet(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path))
     })?;
@@ -188,8 +215,94 @@ fn main() -> Result<()> {
         ms(bpftool_json) / ms(cli_json),
         kvcheck_rss as f64 / 1024.0
     ));
-    print!("{table}");
-    if let Some(path) = args.write {
+    Ok(table)
+}
+
+fn kvstore_bench(args: &Args) -> Result<String> {
+    let shape = args.shape;
+    let etcd = EtcdCluster::single()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let pairs = simdata::cluster_pairs(shape);
+    let total_keys = pairs.len();
+    let t = Instant::now();
+    rt.block_on(simdata::load(&etcd.endpoints(), pairs))?;
+    eprintln!("bench: loaded {total_keys} keys into etcd in {:.2?}", t.elapsed());
+    let endpoints = etcd.endpoints_arg();
+
+    // etcdctl on the same prefixes (one command for cilium/state/, which holds all four).
+    let (etcdctl, etcdctl_rss) = measure(args.runs, || {
+        let mut c = etcd.etcdctl();
+        c.args(["get", "--prefix", "cilium/state/"]);
+        c
+    })?;
+    let bin = kvcheck_bin();
+    let (cli, cli_rss) = measure(args.runs, || {
+        let mut c = Command::new(&bin);
+        c.args(["dump", "kvstore", "--etcd-endpoints", &endpoints, "--node-name", "node-1", "--output", "json"]);
+        c
+    })?;
+
+    // Page size, measured: library read+decode in-process.
+    let settings = kvcheck::kvstore::config::EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let mut pages = String::new();
+    for page_size in [1_000i64, 5_000, 10_000, 50_000, 0] {
+        let d = time_runs(args.runs, || {
+            rt.block_on(async {
+                let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+                let opts = kvcheck::kvstore::reader::ListOptions { page_size, include_cache: false };
+                let snap = kvcheck::kvstore::reader::read_snapshot(&client, &opts).await?;
+                anyhow::ensure!(snap.ips.len() == shape.ips as usize && snap.nodes.len() == shape.nodes as usize);
+                Ok(())
+            })
+        })?;
+        let label = if page_size == 0 { "one range (no limit)".to_owned() } else { format!("{page_size} keys") };
+        pages.push_str(&format!("| {label} | {:.0} |\n", d.as_secs_f64() * 1000.0));
+    }
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mib = |k: i64| k as f64 / 1024.0;
+    let mut table = format!(
+        "kvstore of {} nodes, {} IP entries, {} identities (+{} value keys), {total_keys} keys; etcd {} on loopback; median of {} runs\n\n",
+        shape.nodes, shape.ips, shape.identities, shape.identities, etcd_version(), args.runs
+    );
+    table.push_str("| what | wall ms | peak RSS MiB | wall vs etcdctl | RSS vs etcdctl |\n|---|---:|---:|---:|---:|\n");
+    table.push_str(&format!("| `etcdctl get --prefix cilium/state/` | {:.0} | {:.1} | 1.00x | 1.00x |\n", ms(etcdctl), mib(etcdctl_rss)));
+    table.push_str(&format!(
+        "| `kvcheck dump kvstore --output json` (health, paged read, decode) | {:.0} | {:.1} | {:.2}x | {:.2}x |\n",
+        ms(cli), mib(cli_rss), ms(cli) / ms(etcdctl), cli_rss as f64 / etcdctl_rss as f64
+    ));
+    table.push_str("\nPage size (kvcheck library, read + decode, in-process):\n\n| page | wall ms |\n|---|---:|\n");
+    table.push_str(&pages);
+    Ok(table)
+}
+
+fn etcd_version() -> String {
+    Command::new(kvcheck_tests::etcd::etcd_binary())
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(|l| l.replace("etcd Version: ", "")))
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates BPF maps in a private bpffs and starts etcd: run it as root");
+    }
+    let mut doc = String::new();
+    if args.only.as_deref().is_none_or(|o| o == "datapath") {
+        let t = datapath_bench(&args)?;
+        print!("{t}\n");
+        doc.push_str(&format!("## Datapath read\n\n{t}\n"));
+    }
+    if args.only.as_deref().is_none_or(|o| o == "kvstore") {
+        let t = kvstore_bench(&args)?;
+        print!("{t}\n");
+        doc.push_str(&format!("## Kvstore read\n\n{t}\n"));
+    }
+    if let Some(path) = &args.write {
         let machine = format!(
             "kernel {}, {} cores, {}",
             std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -199,10 +312,8 @@ fn main() -> Result<()> {
                 .next()
                 .unwrap_or_default()
         );
-        let doc = format!(
-            "# kvcheck benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {machine}.\n\n## Datapath read\n\n{table}"
-        );
-        std::fs::write(&path, doc).with_context(|| format!("writing {path}"))?;
+        let doc = format!("# kvcheck benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {machine}.\n\n{doc}");
+        std::fs::write(path, doc).with_context(|| format!("writing {path}"))?;
     }
     Ok(())
 }
