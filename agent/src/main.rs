@@ -22,9 +22,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Decoded views of the datapath (and, later, the kvstore).
+    /// Check this node once: derive the expected datapath from the kvstore, compare, report.
+    /// Exit code 0 = consistent, 1 = drift found, 2 = could not check.
+    Check(CheckArgs),
+    /// Decoded views of the datapath and the kvstore.
     #[command(subcommand)]
     Dump(Dump),
+    /// What a finding kind means, its usual causes in Cilium, and what to do.
+    Explain {
+        /// A finding kind (e.g. ipcache-stale); all kinds when omitted.
+        kind: Option<kvcheck::check::kinds::FindingKind>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn on_off(v: Option<OnOff>) -> Option<bool> {
+    v.map(|v| v == OnOff::On)
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    datapath: DatapathOptions,
+    #[command(flatten)]
+    etcd: EtcdOptions,
+    #[command(flatten)]
+    node: NodeIdentityArgs,
+    /// Cilium's state directory; its globals/node_config.h tells the datapath configuration.
+    #[arg(long, env = "KVCHECK_CILIUM_STATE_DIR", default_value = kvcheck::check::config::DEFAULT_STATE_DIR)]
+    cilium_state_dir: PathBuf,
+    /// Wait this long and re-read what the findings touch, keeping only findings that persist
+    /// (Cilium propagates asynchronously); 0 disables. E.g. 2s, 500ms.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
+    /// Remote node addresses carry identity 6 (on) or 1 (off); unknown accepts both.
+    #[arg(long, value_enum)]
+    remote_node_identity: Option<OnOff>,
+    /// Tunnel (on) or direct routing (off); unknown: inferred from the tunnel map.
+    #[arg(long, value_enum)]
+    tunnel: Option<OnOff>,
+    /// IPsec/WireGuard encryption; unknown accepts key 0 and the announced key.
+    #[arg(long, value_enum)]
+    encryption: Option<OnOff>,
+    #[arg(long, short, value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(Subcommand)]
@@ -62,7 +108,8 @@ struct EtcdOptions {
 
 #[derive(Args)]
 struct NodeIdentityArgs {
-    /// This node's name in Cilium (the DaemonSet sets NODE_NAME from the downward API).
+    /// This node's name in Cilium (the DaemonSet sets NODE_NAME from the downward API);
+    /// defaults to the hostname.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Cilium's cluster name.
@@ -133,6 +180,10 @@ struct DatapathOptions {
     /// How to read map entries.
     #[arg(long, value_enum, default_value = "auto", env = "KVCHECK_READ_METHOD")]
     read_method: ReadMethodArg,
+    /// Read interface addresses from this network namespace (e.g. /var/run/netns/NAME)
+    /// instead of the one kvcheck runs in.
+    #[arg(long)]
+    netns: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -156,6 +207,7 @@ impl DatapathOptions {
                 ReadMethodArg::Iterate => ReadStrategy::IterateOnly,
             },
             include_raw,
+            netns: self.netns.clone(),
         }
     }
 }
@@ -172,7 +224,7 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
     let snapshot = tokio::task::spawn_blocking(move || datapath::read_maps(&opts))
         .await
         .context("map reader task")??;
-    let host = addresses::read_host_addresses().await?;
+    let host = addresses::read_host_addresses(args.datapath.netns.as_deref()).await?;
     tracing::info!(layout = %snapshot.layout.summary(), "datapath read");
     match args.output {
         Output::Json => {
@@ -185,6 +237,53 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
         Output::Table => print!("{}", report::datapath::render(&snapshot, &host)),
     }
     Ok(())
+}
+
+impl NodeIdentityArgs {
+    fn name_or_hostname(&self) -> anyhow::Result<String> {
+        match &self.node_name {
+            Some(n) => Ok(n.clone()),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .context("no --node-name or NODE_NAME, and the hostname is unreadable"),
+        }
+    }
+}
+
+/// Exit code for drift found by `check`.
+const EXIT_DRIFT: u8 = 1;
+
+async fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let opts = kvcheck::check::run::CheckOptions {
+        datapath: args.datapath.read_options(false),
+        etcd: args.etcd.settings()?,
+        etcd_timeout: args.etcd.timeout(),
+        list: kvstore::reader::ListOptions { include_cache: args.etcd.include_kvstoremesh_cache, ..Default::default() },
+        node_name: args.node.name_or_hostname()?,
+        cluster: args.node.cluster_name.clone(),
+        state_dir: args.cilium_state_dir.clone(),
+        config_overrides: kvcheck::check::config::DatapathConfig {
+            remote_node_identity: on_off(args.remote_node_identity),
+            tunnel: on_off(args.tunnel),
+            encryption: on_off(args.encryption),
+            ..Default::default()
+        },
+        settle: args.settle,
+    };
+    let report = kvcheck::check::run::run_check(&opts).await?;
+    match args.output {
+        Output::Json => write_json(&report)?,
+        Output::Table => print!("{}", report::check::render(&report)),
+    }
+    Ok(if report.consistent() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DRIFT) })
+}
+
+fn explain(kind: Option<kvcheck::check::kinds::FindingKind>) {
+    use kvcheck::check::kinds::FindingKind;
+    let kinds: Vec<FindingKind> = kind.map_or_else(|| FindingKind::ALL.to_vec(), |k| vec![k]);
+    for k in kinds {
+        println!("{} ({:?})\n  {}\n  {}\n", k.name(), k.severity(), k.summary(), k.explain());
+    }
 }
 
 async fn dump_kvstore(args: &DumpKvstore) -> anyhow::Result<()> {
@@ -248,12 +347,17 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
-            Command::Dump(Dump::Datapath(args)) => dump_datapath(args).await,
-            Command::Dump(Dump::Kvstore(args)) => dump_kvstore(args).await,
+            Command::Check(args) => check(args).await,
+            Command::Dump(Dump::Datapath(args)) => dump_datapath(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Dump(Dump::Kvstore(args)) => dump_kvstore(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Explain { kind } => {
+                explain(*kind);
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_COULD_NOT_CHECK)

@@ -14,7 +14,8 @@ pub fn sections(text: &str) -> BTreeMap<String, Vec<String>> {
             current = Some(h.trim().to_owned());
             out.entry(h.trim().to_owned()).or_default();
         } else if let Some(h) = &current {
-            if !line.trim().is_empty() && !line.starts_with('#') {
+            // `# ...` lines are comments; `#define` lines are data.
+            if !line.trim().is_empty() && !line.starts_with("# ") {
                 out.entry(h.clone()).or_default().push(line.to_owned());
             }
         }

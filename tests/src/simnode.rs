@@ -1,71 +1,137 @@
-//! A whole simulated node: bpffs with Cilium's maps, a netns with cilium_host, known drift.
+//! A whole simulated node: bpffs with Cilium's maps, a netns with cilium_host and a node IP,
+//! a local etcd with Cilium-format keys, Cilium's node_config.h. Starts consistent (the real
+//! Cilium 1.7.1 capture); drifts are injected by the tests or the demo.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Output;
 
+use ipnet::IpNet;
 use kvcheck::model::version::Layout;
 
 use crate::encode::{self, IpcacheValue};
+use crate::etcd::EtcdCluster;
 use crate::maps::{BpffsMount, CiliumMaps, WriterMap};
 use crate::netns::Netns;
 use crate::sample;
 
 pub struct SimulatedNode {
     pub name: &'static str,
+    pub layout: Layout,
     pub maps: CiliumMaps,
     // Dropped after the maps (field order), so the pins go before the mount.
     pub bpffs: BpffsMount,
     pub netns: Netns,
-    pub cilium_host_addr: &'static str,
-    /// What was changed from the real capture, for people.
-    pub drifts: Vec<String>,
+    pub etcd: EtcdCluster,
+    /// Cilium's state dir with globals/node_config.h.
+    pub state_dir: PathBuf,
 }
 
 impl SimulatedNode {
-    /// The real Cilium 1.7.1 node of `tests/data/real-cilium-1.7.1-node.txt`, with:
-    /// a stale ipcache entry for a pod that no longer exists, a local endpoint removed from the
-    /// endpoint map, and a `cilium_host` address that is not the node's CiliumInternalIP.
-    pub fn real_1_7_1_with_drift() -> anyhow::Result<SimulatedNode> {
+    /// The real Cilium 1.7.1 node k8s-node1 of `tests/data/real-cilium-1.7.1-node.txt`:
+    /// maps, etcd keys, addresses and node_config.h exactly as captured.
+    pub fn real_1_7_1() -> anyhow::Result<SimulatedNode> {
         let s = sample::sections(sample::REAL_1_7_1);
         let bpffs = BpffsMount::new()?;
         let maps = CiliumMaps::create(&bpffs, Layout::V1_7)?;
-        let write = |map: &WriterMap, heading: &str| -> std::io::Result<()> {
-            for (k, v) in sample::bpftool_entries(sample::section(&s, heading)) {
+        let write = |map: &WriterMap, name: &str| -> std::io::Result<()> {
+            let heading = format!("bpftool map dump pinned /sys/fs/bpf/tc/globals/{name}");
+            for (k, v) in sample::bpftool_entries(sample::section(&s, &heading)) {
                 map.update(&k, &v)?;
             }
             Ok(())
         };
-        let dump = "bpftool map dump pinned /sys/fs/bpf/tc/globals/";
-        write(&maps.ipcache, &format!("{dump}cilium_ipcache"))?;
-        write(&maps.endpoints, &format!("{dump}cilium_lxc"))?;
+        write(&maps.ipcache, "cilium_ipcache")?;
+        write(&maps.endpoints, "cilium_lxc")?;
         if let Some(t) = &maps.tunnel {
-            write(t, &format!("{dump}cilium_tunnel_map"))?;
+            write(t, "cilium_tunnel_map")?;
         }
 
-        let mut drifts = Vec::new();
-        let stale: IpAddr = "10.6.7.99".parse()?;
-        maps.ipcache.update(
-            &encode::ipcache_key(Layout::V1_7, ipnet::IpNet::from(stale), 0),
-            &encode::ipcache_value(Layout::V1_7, IpcacheValue {
-                identity: 12928,
-                tunnel_endpoint: Some("10.5.1.133".parse()?),
-                ..Default::default()
-            }),
-        )?;
-        drifts.push("ipcache 10.6.7.99/32 -> 12928 via 10.5.1.133: no such pod in the kvstore (stale)".to_owned());
+        let netns = Netns::new("kvcheck-node")?;
+        for line in sample::section(&s, "ip -o addr") {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["lo", ..] => {}
+                ["cilium_host", addr] => netns.add_cilium_host(&[addr])?,
+                [dev, addr] => netns.add_interface(dev, &[addr])?,
+                _ => anyhow::bail!("unexpected address line {line:?}"),
+            }
+        }
 
-        let cilium_host_addr = "10.6.1.99/32";
-        drifts.push(format!("cilium_host has {cilium_host_addr}; the node's CiliumInternalIP is 10.6.1.124"));
+        let etcd = EtcdCluster::single()?;
+        etcd.put_all(&sample::etcd_pairs(sample::section(&s, "etcdctl get --prefix cilium/")))?;
 
-        let netns = Netns::new("kvcheck-demo")?;
-        netns.add_interface("eth0", &["10.5.1.132/24"])?;
-        netns.add_cilium_host(&[cilium_host_addr])?;
-        Ok(SimulatedNode {
-            name: "k8s-node1",
-            maps,
-            bpffs,
-            netns,
-            cilium_host_addr,
-            drifts,
-        })
+        let state_dir = bpffs.root.with_extension("state");
+        std::fs::create_dir_all(state_dir.join("globals"))?;
+        let defines: Vec<&str> = sample::section(&s, "/var/run/cilium/state/globals/node_config.h")
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.starts_with("#define"))
+            .collect();
+        std::fs::write(state_dir.join("globals/node_config.h"), defines.join("\n") + "\n")?;
+
+        Ok(SimulatedNode { name: "k8s-node1", layout: Layout::V1_7, maps, bpffs, netns, etcd, state_dir })
+    }
+
+    /// `kvcheck check` arguments that point at this node (run inside its netns).
+    pub fn check_args(&self) -> Vec<String> {
+        [
+            "check",
+            "--bpffs",
+            self.bpffs.root_str(),
+            "--etcd-endpoints",
+            &self.etcd.endpoints_arg(),
+            "--node-name",
+            self.name,
+            "--cilium-state-dir",
+            self.state_dir.to_str().unwrap_or_default(),
+            "--netns",
+            &format!("/var/run/netns/{}", self.netns.name),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+    }
+
+    /// Runs `kvcheck check <check_args> <extra>` (addresses from the node's netns, etcd on
+    /// this host's loopback, as a hostNetwork DaemonSet pod sees them).
+    pub fn check(&self, extra: &[&str]) -> Output {
+        let mut args = self.check_args();
+        args.extend(extra.iter().map(ToString::to_string));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::run_kvcheck(None, &refs)
+    }
+
+    pub fn ipcache_put(&self, prefix: &str, v: IpcacheValue) -> anyhow::Result<()> {
+        let p: IpNet = prefix.parse()?;
+        self.maps.ipcache.update(&encode::ipcache_key(self.layout, p, 0), &encode::ipcache_value(self.layout, v))?;
+        Ok(())
+    }
+
+    pub fn ipcache_delete(&self, prefix: &str) -> anyhow::Result<()> {
+        let p: IpNet = prefix.parse()?;
+        self.maps.ipcache.delete(&encode::ipcache_key(self.layout, p, 0))?;
+        Ok(())
+    }
+
+    pub fn endpoint_delete(&self, ip: &str) -> anyhow::Result<()> {
+        let ip: IpAddr = ip.parse()?;
+        self.maps.endpoints.delete(&encode::endpoint_key(ip))?;
+        Ok(())
+    }
+
+    pub fn etcd_put(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.etcd.put_all(&[(key.to_owned(), value.to_owned())])
+    }
+
+    pub fn etcd_del(&self, key: &str) -> anyhow::Result<()> {
+        self.etcd.etcdctl_ok(&["del", key])?;
+        Ok(())
+    }
+}
+
+impl Drop for SimulatedNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

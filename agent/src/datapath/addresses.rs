@@ -1,6 +1,8 @@
 //! The node's own addresses through rtnetlink: `cilium_host` and every local interface.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -36,16 +38,47 @@ impl HostAddresses {
     }
 }
 
-/// Lists links and addresses of the current network namespace.
-pub async fn read_host_addresses() -> Result<HostAddresses, DatapathError> {
+/// Opens a route netlink socket inside the network namespace at `netns` (a file such as
+/// `/var/run/netns/NAME` or `/proc/PID/ns/net`). The socket stays in that namespace; only a
+/// short-lived helper thread switches namespaces, so the process itself does not move.
+fn connection_in(netns: &Path) -> Result<NetlinkConnection, DatapathError> {
+    let file = std::fs::File::open(netns).map_err(|e| DatapathError::Netlink {
+        what: "opening the network namespace",
+        message: format!("{}: {e}", netns.display()),
+    })?;
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _guard = runtime.enter();
+        // SAFETY: setns on this helper thread only; the fd is valid for the call.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        rtnetlink::new_connection()
+    })
+    .join()
+    .map_err(|_| DatapathError::Netlink { what: "entering the network namespace", message: "helper thread panicked".into() })?
+    .map_err(|e| DatapathError::Netlink { what: "opening a route netlink socket in the network namespace", message: format!("{}: {e}", netns.display()) })
+}
+
+type NetlinkConnection = (
+    rtnetlink::proto::Connection<netlink_packet_route::RouteNetlinkMessage>,
+    rtnetlink::Handle,
+    futures::channel::mpsc::UnboundedReceiver<(rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>, rtnetlink::sys::SocketAddr)>,
+);
+
+/// Lists links and addresses of the current network namespace, or of `netns` when given.
+pub async fn read_host_addresses(netns: Option<&Path>) -> Result<HostAddresses, DatapathError> {
     let netlink = |what: &'static str| move |e: rtnetlink::Error| DatapathError::Netlink {
         what,
         message: e.to_string(),
     };
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| DatapathError::Netlink {
-        what: "opening a route netlink socket",
-        message: e.to_string(),
-    })?;
+    let (connection, handle, _) = match netns {
+        Some(path) => connection_in(path)?,
+        None => rtnetlink::new_connection().map_err(|e| DatapathError::Netlink {
+            what: "opening a route netlink socket",
+            message: e.to_string(),
+        })?,
+    };
     let conn_task = tokio::spawn(connection);
 
     let mut links: BTreeMap<u32, Interface> = BTreeMap::new();

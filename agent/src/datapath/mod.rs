@@ -86,6 +86,8 @@ pub struct ReadOptions {
     pub strategy: ReadStrategy,
     /// Keep each entry's raw key and value bytes in the snapshot.
     pub include_raw: bool,
+    /// Read addresses from this network namespace (`/var/run/netns/NAME`) instead of ours.
+    pub netns: Option<PathBuf>,
 }
 
 impl Default for ReadOptions {
@@ -95,6 +97,7 @@ impl Default for ReadOptions {
             version: None,
             strategy: ReadStrategy::default(),
             include_raw: false,
+            netns: None,
         }
     }
 }

@@ -45,6 +45,21 @@ pub struct KvstoreSnapshot {
     pub malformed: Vec<Malformed>,
 }
 
+impl KvstoreSnapshot {
+    /// Drops whatever the snapshot holds for `key` (before re-reading it).
+    pub fn remove_key(&mut self, key: &str) {
+        self.nodes.retain(|n| n.meta.key != key);
+        self.ips.retain(|e| e.meta.key != key);
+        self.identities.retain(|_, i| i.meta.key != key);
+        self.identity_references.retain(|r| r.meta.key != key);
+        self.synced.retain(|(m, _)| m.key != key);
+        self.malformed.retain(|m| m.meta.key != key);
+        if self.heartbeat.as_ref().is_some_and(|(m, _)| m.key == key) {
+            self.heartbeat = None;
+        }
+    }
+}
+
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

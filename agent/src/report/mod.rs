@@ -1,4 +1,5 @@
 //! Rendering for people (tables) and machines (JSON).
 
+pub mod check;
 pub mod datapath;
 pub mod kvstore;

@@ -1,0 +1,114 @@
+//! The Cilium agent's datapath configuration, where the node shows it: the C defines it writes
+//! to `<state-dir>/globals/node_config.h`, overridden by options. Anything unknown stays
+//! `None`, and the expected state then accepts every value Cilium can write.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/run/cilium/state";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DatapathConfig {
+    pub ipv4: Option<bool>,
+    pub ipv6: Option<bool>,
+    /// Encapsulation (vxlan/geneve) rather than direct routing.
+    pub tunnel: Option<bool>,
+    /// Remote node addresses get identity 6 (remote-node) rather than 1 (host).
+    pub remote_node_identity: Option<bool>,
+    /// IPsec or WireGuard.
+    pub encryption: Option<bool>,
+    pub node_encryption: Option<bool>,
+    pub host_firewall: Option<bool>,
+    /// Where the settings came from.
+    pub sources: Vec<String>,
+}
+
+/// `#define NAME VALUE` lines of node_config.h.
+pub fn parse_defines(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("#define "))
+        .filter_map(|rest| {
+            let mut it = rest.splitn(2, char::is_whitespace);
+            let name = it.next()?.trim();
+            Some((name.to_owned(), it.next().unwrap_or("").trim().to_owned()))
+        })
+        .collect()
+}
+
+impl DatapathConfig {
+    /// Reads `<state_dir>/globals/node_config.h`. A missing file leaves everything unknown.
+    pub fn from_state_dir(state_dir: &Path) -> Result<DatapathConfig, std::io::Error> {
+        let path: PathBuf = state_dir.join("globals").join("node_config.h");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Self::from_node_config(&text, &path.display().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DatapathConfig::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn from_node_config(text: &str, source: &str) -> DatapathConfig {
+        let d = parse_defines(text);
+        let has = |n: &str| d.contains_key(n);
+        let any = |names: &[&str]| names.iter().any(|n| d.contains_key(*n));
+        // A file that defines the address families is a real node_config.h: features it does not
+        // enable are off. Features whose define names changed across releases are set only
+        // when one of their known names is present.
+        let real = any(&["ENABLE_IPV4", "ENABLE_IPV6"]);
+        let flag = |names: &[&str]| if any(names) { Some(true) } else if real { Some(false) } else { None };
+        DatapathConfig {
+            ipv4: real.then(|| has("ENABLE_IPV4")),
+            ipv6: real.then(|| has("ENABLE_IPV6")),
+            tunnel: if any(&["TUNNEL_MODE", "ENCAP_IFINDEX", "TUNNEL_PROTOCOL", "HAVE_ENCAP"]) { Some(true) } else { None },
+            remote_node_identity: if has("ENABLE_REMOTE_NODE_IDENTITY") { Some(true) } else { None },
+            encryption: flag(&["ENABLE_IPSEC", "ENABLE_WIREGUARD"]),
+            node_encryption: flag(&["ENABLE_NODE_ENCRYPTION", "ENCRYPT_NODE"]),
+            host_firewall: flag(&["ENABLE_HOST_FIREWALL"]),
+            sources: vec![source.to_owned()],
+        }
+    }
+
+    /// Options win over the file.
+    pub fn apply(&mut self, o: &DatapathConfig) {
+        let pick = |slot: &mut Option<bool>, v: Option<bool>| {
+            if v.is_some() {
+                *slot = v;
+            }
+        };
+        pick(&mut self.ipv4, o.ipv4);
+        pick(&mut self.ipv6, o.ipv6);
+        pick(&mut self.tunnel, o.tunnel);
+        pick(&mut self.remote_node_identity, o.remote_node_identity);
+        pick(&mut self.encryption, o.encryption);
+        pick(&mut self.node_encryption, o.node_encryption);
+        pick(&mut self.host_firewall, o.host_firewall);
+        if [o.ipv4, o.ipv6, o.tunnel, o.remote_node_identity, o.encryption, o.node_encryption, o.host_firewall]
+            .iter()
+            .any(Option::is_some)
+        {
+            self.sources.push("options".to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_1_7_node_config() {
+        // The defines the real 1.7.1 agent wrote (tests/data/real-cilium-1.7.1-node.txt).
+        let text = "#define ENABLE_IPV4 1\n#define ENABLE_SERVICES 1\n#define ENDPOINTS_MAP cilium_lxc\n#define REMOTE_NODE_ID 6\n#define TUNNEL_MAP cilium_tunnel_map\n";
+        let c = DatapathConfig::from_node_config(text, "node_config.h");
+        assert_eq!((c.ipv4, c.ipv6), (Some(true), Some(false)));
+        assert_eq!(c.encryption, Some(false));
+        // Not derivable from these defines: left open.
+        assert_eq!(c.remote_node_identity, None);
+        assert_eq!(c.tunnel, None);
+        let mut c2 = c.clone();
+        c2.apply(&DatapathConfig { remote_node_identity: Some(false), ..Default::default() });
+        assert_eq!(c2.remote_node_identity, Some(false));
+        assert_eq!(DatapathConfig::from_node_config("", "x").ipv4, None);
+    }
+}

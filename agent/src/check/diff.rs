@@ -1,0 +1,499 @@
+//! The diff engine (pure): expected state vs what the node shows → typed findings, each with
+//! both sides' evidence.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::expected::{ExpectedState, NodeContext};
+use super::kinds::{FindingKind, Severity};
+use crate::datapath::addresses::HostAddresses;
+use crate::datapath::{DatapathSnapshot, MapDump};
+use crate::kvstore::reader::KvstoreSnapshot;
+use crate::kvstore::values::{self, IP_PREFIX};
+use crate::kvstore::view::age_seconds;
+use crate::model::identity::{self, IdentityScope};
+use crate::model::version::Layout;
+
+/// Operators' default: the operator rewrites the heartbeat every minute.
+pub const HEARTBEAT_STALE_AFTER_SECONDS: i64 = 5 * 60;
+pub const MAP_PRESSURE_RATIO: f64 = 0.9;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub subject: String,
+    pub severity: Severity,
+    pub message: String,
+    /// What the datapath holds (decoded map entry, interface addresses...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<Value>,
+    /// What the kvstore holds (key, decoded value, revisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kvstore: Option<Value>,
+    /// What kvcheck expected, and by which rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<Value>,
+    /// Kvstore keys this finding is about (re-read when settling).
+    pub kvstore_keys: Vec<String>,
+}
+
+impl Finding {
+    fn new(kind: FindingKind, subject: impl Into<String>, message: impl Into<String>) -> Finding {
+        Finding {
+            kind,
+            subject: subject.into(),
+            severity: kind.severity(),
+            message: message.into(),
+            datapath: None,
+            kvstore: None,
+            expected: None,
+            kvstore_keys: Vec::new(),
+        }
+    }
+
+    fn datapath(mut self, v: impl Serialize) -> Self {
+        self.datapath = serde_json::to_value(v).ok();
+        self
+    }
+
+    fn kvstore(mut self, v: impl Serialize) -> Self {
+        self.kvstore = serde_json::to_value(v).ok();
+        self
+    }
+
+    fn expected(mut self, v: impl Serialize) -> Self {
+        self.expected = serde_json::to_value(v).ok();
+        self
+    }
+
+    fn keys(mut self, keys: impl IntoIterator<Item = String>) -> Self {
+        self.kvstore_keys.extend(keys);
+        self
+    }
+
+    /// (kind, subject): what identifies a finding across re-reads.
+    pub fn id(&self) -> (FindingKind, String) {
+        (self.kind, self.subject.clone())
+    }
+}
+
+/// The `ip/v1` key Cilium would use for a prefix.
+pub fn ip_key(prefix: &IpNet) -> String {
+    if prefix.prefix_len() == prefix.max_prefix_len() {
+        format!("{IP_PREFIX}default/{}", prefix.addr())
+    } else {
+        format!("{IP_PREFIX}default/{prefix}")
+    }
+}
+
+fn show(ip: &Option<IpAddr>) -> String {
+    ip.map_or_else(|| "none".to_owned(), |i| i.to_string())
+}
+
+fn show_set<T: ToString>(s: &BTreeSet<T>) -> String {
+    s.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
+}
+
+/// Everything the diff looks at.
+pub struct Observed<'a> {
+    pub datapath: &'a DatapathSnapshot,
+    pub host: &'a HostAddresses,
+    pub kvstore: &'a KvstoreSnapshot,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    ipcache(exp, obs, &mut out);
+    endpoints(exp, ctx, obs, &mut out);
+    identities(exp, obs, &mut out);
+    node(exp, ctx, obs, &mut out);
+    tunnel(exp, obs, &mut out);
+    kvstore_health(obs, &mut out);
+    map_pressure(obs, &mut out);
+    // One finding per (kind, subject).
+    let mut seen = BTreeSet::new();
+    out.retain(|f| seen.insert(f.id()));
+    out.sort_by(|a, b| (a.severity, a.kind, &a.subject).cmp(&(b.severity, b.kind, &b.subject)));
+    out
+}
+
+fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    // Entries of other ClusterMesh clusters (cluster id ≠ 0) need their cluster's kvstore.
+    let observed: BTreeMap<IpNet, _> = obs
+        .datapath
+        .ipcache
+        .entries
+        .iter()
+        .filter(|e| e.cluster_id == 0)
+        .map(|e| (e.prefix, e))
+        .collect();
+    for (prefix, e) in &exp.ipcache {
+        let subject = prefix.to_string();
+        let keys = e.kvstore_key.clone();
+        match observed.get(prefix) {
+            None if e.required => out.push(
+                Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
+                    .expected(e)
+                    .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                    .keys(keys),
+            ),
+            None => {}
+            Some(o) => {
+                if !e.identities.contains(&o.identity) {
+                    out.push(
+                        Finding::new(
+                            FindingKind::IpcacheIdentityMismatch,
+                            &subject,
+                            format!("{subject}: ipcache identity {}, kvstore says {} ({})", identity::describe(o.identity), show_set(&e.identities), e.rule),
+                        )
+                        .datapath(o)
+                        .expected(e)
+                        .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                        .keys(keys.clone()),
+                    );
+                }
+                if !e.tunnel_endpoints.contains(&o.tunnel_endpoint) {
+                    let want: Vec<String> = e.tunnel_endpoints.iter().map(show).collect();
+                    out.push(
+                        Finding::new(
+                            FindingKind::IpcacheTunnelMismatch,
+                            &subject,
+                            format!("{subject}: ipcache tunnel endpoint {}, expected {} ({})", show(&o.tunnel_endpoint), want.join(" or "), e.rule),
+                        )
+                        .datapath(o)
+                        .expected(e)
+                        .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                        .keys(keys.clone()),
+                    );
+                }
+                if let Some(k) = &e.encrypt_keys {
+                    if !k.contains(&o.encrypt_key) {
+                        out.push(
+                            Finding::new(
+                                FindingKind::IpcacheEncryptKeyMismatch,
+                                &subject,
+                                format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule),
+                            )
+                            .datapath(o)
+                            .expected(e)
+                            .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                            .keys(keys.clone()),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for (prefix, o) in &observed {
+        if exp.ipcache.contains_key(prefix) || identity::scope(o.identity) == IdentityScope::Local {
+            // Local-scope (CIDR/FQDN) identities are node-local: not in the kvstore by design.
+            continue;
+        }
+        let subject = prefix.to_string();
+        out.push(
+            Finding::new(
+                FindingKind::IpcacheStale,
+                &subject,
+                format!("{subject} -> identity {} via {} is in the ipcache, but no kvstore entry or local address explains it", identity::describe(o.identity), show(&o.tunnel_endpoint)),
+            )
+            .datapath(o)
+            .kvstore(json!({"key": ip_key(prefix), "value": null, "revision": obs.kvstore.revision}))
+            .keys([ip_key(prefix)]),
+        );
+    }
+}
+
+/// Kvstore evidence for a key: the decoded value (node, ip or identity) with its revisions.
+fn kv_evidence(kv: &KvstoreSnapshot, key: Option<&str>) -> Value {
+    let Some(key) = key else { return Value::Null };
+    let value = kv
+        .nodes
+        .iter()
+        .find(|n| n.meta.key == key)
+        .and_then(|n| serde_json::to_value(n).ok())
+        .or_else(|| kv.ips.iter().find(|e| e.meta.key == key).and_then(|e| serde_json::to_value(e).ok()));
+    json!({"key": key, "value": value, "revision": kv.revision})
+}
+
+fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let local: Vec<_> = obs.datapath.endpoints.entries.iter().filter(|e| !e.is_host).collect();
+    let local_ips: BTreeSet<IpAddr> = local.iter().map(|e| e.ip).collect();
+    let node = exp.node.as_ref();
+    let health: BTreeSet<IpAddr> = node.iter().flat_map(|n| [n.ipv4_health_ip, n.ipv6_health_ip]).flatten().collect();
+    let cidrs: Vec<IpNet> = node
+        .iter()
+        .flat_map(|n| n.ipv4_alloc_cidr.iter().chain(&n.ipv6_alloc_cidr).chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_secondary_alloc_cidrs).copied().collect::<Vec<_>>())
+        .collect();
+    for ep in &local {
+        let subject = ep.ip.to_string();
+        let key = ip_key(&IpNet::from(ep.ip));
+        match exp.local_ips.get(&ep.ip) {
+            // From v1.17 the health endpoint has no ip/v1 key.
+            None if health.contains(&ep.ip) && ctx.layout >= Layout::V1_17 => {}
+            None => out.push(
+                Finding::new(FindingKind::EndpointNotInKvstore, &subject, format!("local endpoint {} ({subject}) has no {key} entry hosted by this node", ep.endpoint_id))
+                    .datapath(ep)
+                    .kvstore(json!({"key": key, "value": obs.kvstore.ips.iter().find(|e| e.meta.key == key), "revision": obs.kvstore.revision}))
+                    .keys([key]),
+            ),
+            Some(kv) => {
+                if let Some(id) = ep.identity.filter(|id| *id != kv.identity) {
+                    out.push(
+                        Finding::new(
+                            FindingKind::EndpointIdentityMismatch,
+                            &subject,
+                            format!("local endpoint {} ({subject}) has identity {} in the endpoint map, {} in {}", ep.endpoint_id, identity::describe(id), identity::describe(kv.identity), kv.meta.key),
+                        )
+                        .datapath(ep)
+                        .kvstore(kv)
+                        .keys([kv.meta.key.clone()]),
+                    );
+                }
+            }
+        }
+        let family_cidrs: Vec<&IpNet> = cidrs.iter().filter(|c| c.addr().is_ipv4() == ep.ip.is_ipv4()).collect();
+        if !family_cidrs.is_empty() && !family_cidrs.iter().any(|c| c.contains(&ep.ip)) {
+            out.push(
+                Finding::new(FindingKind::PodcidrViolation, &subject, format!("local endpoint {subject} is outside the node's alloc CIDRs {}", family_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")))
+                    .datapath(ep)
+                    .kvstore(node.map(|n| json!({"key": n.meta.key, "alloc_cidrs": family_cidrs})))
+                    .keys(node.map(|n| n.meta.key.clone())),
+            );
+        }
+    }
+    for (ip, kv) in &exp.local_ips {
+        if !local_ips.contains(ip) {
+            out.push(
+                Finding::new(FindingKind::KvstoreGhostEndpoint, ip.to_string(), format!("{} says this node hosts {ip} (identity {}), but no local endpoint has it", kv.meta.key, kv.identity))
+                    .kvstore(kv)
+                    .keys([kv.meta.key.clone()]),
+            );
+        }
+    }
+    for ip in &health {
+        if !local_ips.contains(ip) {
+            out.push(
+                Finding::new(FindingKind::HealthEndpointMissing, ip.to_string(), format!("the node's health IP {ip} has no endpoint in {}", obs.datapath.endpoints.meta.name))
+                    .kvstore(node.map(|n| json!({"key": n.meta.key, "health_ips": health})))
+                    .keys(node.map(|n| n.meta.key.clone())),
+            );
+        }
+    }
+}
+
+fn identities(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let kv = obs.kvstore;
+    // Identities local endpoints use (endpoint map where it has them, else their ip/v1 entries).
+    let mut local_ids: BTreeSet<u32> = exp.local_ips.values().map(|e| e.identity).collect();
+    local_ids.extend(obs.datapath.endpoints.entries.iter().filter(|e| !e.is_host).filter_map(|e| e.identity));
+    local_ids.retain(|id| identity::scope(*id) == IdentityScope::Global);
+    // Identities of remote pods are their nodes' business (checked there); a missing one of
+    // those shows on the node that hosts the pod.
+    for id in &local_ids {
+        if !kv.identities.contains_key(id) {
+            let key = format!("{}{id}", values::IDENTITY_ID_PREFIX);
+            out.push(
+                Finding::new(FindingKind::IdentityMissing, id.to_string(), format!("identity {id} is in use on this node but {key} does not exist"))
+                    .kvstore(json!({"key": key, "value": null, "revision": kv.revision}))
+                    .keys([key]),
+            );
+        }
+    }
+    let Some(node) = &exp.node else { return };
+    let node_ips: BTreeSet<String> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().map(|ip| ip.to_string()).collect();
+    let ours: Vec<_> = kv.identity_references.iter().filter(|r| node_ips.contains(&r.node)).collect();
+    for id in &local_ids {
+        let Some(ident) = kv.identities.get(id) else { continue };
+        if !ours.iter().any(|r| r.labels == ident.labels) {
+            let node_ip = node.node_ip(true).or(node.node_ip(false)).map(|i| i.to_string()).unwrap_or_default();
+            let key = format!("{}{}/{node_ip}", values::IDENTITY_VALUE_PREFIX, ident.labels);
+            out.push(
+                Finding::new(FindingKind::IdentityReferenceMissing, id.to_string(), format!("a local endpoint uses identity {id} but this node holds no reference key {key}"))
+                    .kvstore(json!({"key": key, "value": null, "identity": ident, "revision": kv.revision}))
+                    .keys([key, ident.meta.key.clone()]),
+            );
+        }
+    }
+    for r in ours {
+        if !local_ids.contains(&r.id) {
+            out.push(
+                Finding::new(FindingKind::IdentityReferenceLeaked, r.id.to_string(), format!("{} references identity {} for this node, but no local endpoint uses it", r.meta.key, r.id))
+                    .kvstore(r)
+                    .keys([r.meta.key.clone()]),
+            );
+        }
+    }
+}
+
+fn node(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let Some(node) = &exp.node else {
+        let key = format!("{}{}/{}", values::NODES_PREFIX, ctx.cluster, ctx.node_name);
+        out.push(
+            Finding::new(FindingKind::NodeMissing, &ctx.node_name, format!("{key} does not exist"))
+                .kvstore(json!({"key": key, "value": null, "revision": obs.kvstore.revision}))
+                .keys([key]),
+        );
+        return;
+    };
+    let key = node.meta.key.clone();
+    match &obs.host.cilium_host {
+        None => out.push(
+            Finding::new(FindingKind::CiliumHostMissing, "cilium_host", "no cilium_host interface in this network namespace")
+                .datapath(json!({"interfaces": obs.host.interfaces.iter().map(|i| &i.name).collect::<Vec<_>>()}))
+                .kvstore(json!({"key": key, "cilium_internal_ips": node.addresses.iter().filter(|a| a.addr_type == "CiliumInternalIP").map(|a| a.ip).collect::<Vec<_>>()}))
+                .keys([key.clone()]),
+        ),
+        Some(host) => {
+            let host_ips: BTreeSet<IpAddr> = host.addresses.iter().map(IpNet::addr).filter(|ip| !is_link_local(ip)).collect();
+            for v4 in [true, false] {
+                let want = node.address_of("CiliumInternalIP", v4);
+                let have: BTreeSet<IpAddr> = host_ips.iter().copied().filter(|ip| ip.is_ipv4() == v4).collect();
+                let ok = match want {
+                    Some(w) => have.contains(&w),
+                    None => have.is_empty(),
+                };
+                if !ok {
+                    let fam = if v4 { "IPv4" } else { "IPv6" };
+                    out.push(
+                        Finding::new(
+                            FindingKind::CiliumHostMismatch,
+                            format!("cilium_host {fam}"),
+                            format!("cilium_host has {} but the node's {fam} CiliumInternalIP is {}", if have.is_empty() { "no address".to_owned() } else { show_set(&have) }, show(&want)),
+                        )
+                        .datapath(host)
+                        .kvstore(json!({"key": key, "cilium_internal_ip": want, "revision": obs.kvstore.revision}))
+                        .keys([key.clone()]),
+                    );
+                }
+            }
+            let cidrs: Vec<IpNet> = node.ipv4_alloc_cidr.iter().chain(&node.ipv6_alloc_cidr).chain(&node.ipv4_secondary_alloc_cidrs).chain(&node.ipv6_secondary_alloc_cidrs).copied().collect();
+            let router_and_health = host_ips.iter().copied().chain([node.ipv4_health_ip, node.ipv6_health_ip].into_iter().flatten());
+            for ip in router_and_health {
+                let fam: Vec<&IpNet> = cidrs.iter().filter(|c| c.addr().is_ipv4() == ip.is_ipv4()).collect();
+                if !fam.is_empty() && !fam.iter().any(|c| c.contains(&ip)) {
+                    out.push(
+                        Finding::new(FindingKind::PodcidrViolation, ip.to_string(), format!("router/health IP {ip} is outside the node's alloc CIDRs {}", fam.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")))
+                            .datapath(host)
+                            .kvstore(json!({"key": key, "alloc_cidrs": fam}))
+                            .keys([key.clone()]),
+                    );
+                }
+            }
+        }
+    }
+    for a in node.addresses.iter().filter(|a| a.addr_type == "InternalIP" || a.addr_type == "ExternalIP") {
+        if !ctx.local_addresses.contains(&a.ip) {
+            out.push(
+                Finding::new(FindingKind::NodeIpNotLocal, a.ip.to_string(), format!("the node's {} {} is not on any local interface", a.addr_type, a.ip))
+                    .datapath(json!({"local_addresses": ctx.local_addresses}))
+                    .kvstore(json!({"key": key, "address": a}))
+                    .keys([key.clone()]),
+            );
+        }
+    }
+}
+
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let (Some(expected), Some(dump)) = (&exp.tunnel, &obs.datapath.tunnel) else { return };
+    let observed: BTreeMap<IpAddr, _> = dump.entries.iter().filter(|e| e.cluster_id == 0).map(|e| (e.prefix, e)).collect();
+    for (prefix, t) in expected {
+        let subject = prefix.to_string();
+        match observed.get(prefix) {
+            None => out.push(
+                Finding::new(FindingKind::TunnelMissing, &subject, format!("pod CIDR {subject} of {} has no tunnel map entry (expected endpoint {})", t.node_key, t.endpoint))
+                    .expected(t)
+                    .keys([t.node_key.clone()]),
+            ),
+            Some(o) if o.tunnel_endpoint != t.endpoint => out.push(
+                Finding::new(FindingKind::TunnelMismatch, &subject, format!("pod CIDR {subject} tunnels to {}, but {} says its node IP is {}", o.tunnel_endpoint, t.node_key, t.endpoint))
+                    .datapath(o)
+                    .expected(t)
+                    .keys([t.node_key.clone()]),
+            ),
+            Some(_) => {}
+        }
+    }
+    for (prefix, o) in &observed {
+        if !expected.contains_key(prefix) {
+            out.push(
+                Finding::new(FindingKind::TunnelStale, prefix.to_string(), format!("tunnel map sends {prefix} to {}, but no node in the kvstore owns that pod CIDR", o.tunnel_endpoint))
+                    .datapath(o),
+            );
+        }
+    }
+}
+
+fn kvstore_health(obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let kv = obs.kvstore;
+    for m in &kv.malformed {
+        out.push(
+            Finding::new(FindingKind::KvstoreMalformed, &m.meta.key, format!("{}: {}", m.meta.key, m.reason))
+                .kvstore(m)
+                .keys([m.meta.key.clone()]),
+        );
+    }
+    // cilium/synced/<cluster>/<prefix>: a writer that syncs a cluster writes one per prefix.
+    const CANARIES: [&str; 3] = ["cilium/state/nodes/v1", "cilium/state/ip/v1", "cilium/state/identities/v1"];
+    let mut by_cluster: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (m, _) in &kv.synced {
+        if let Some((cluster, prefix)) = m.key.strip_prefix(values::SYNCED_PREFIX).and_then(|r| r.split_once('/')) {
+            by_cluster.entry(cluster).or_default().insert(prefix);
+        }
+    }
+    for (cluster, have) in by_cluster {
+        let missing: Vec<&str> = CANARIES.iter().copied().filter(|c| !have.contains(c)).collect();
+        if !missing.is_empty() {
+            out.push(
+                Finding::new(FindingKind::KvstoreNotSynced, cluster, format!("cluster {cluster} has sync canaries for {} but not for {}", have.iter().copied().collect::<Vec<_>>().join(", "), missing.join(", ")))
+                    .kvstore(json!({"present": have, "missing": missing}))
+                    .keys(missing.iter().map(|p| format!("{}{cluster}/{p}", values::SYNCED_PREFIX))),
+            );
+        }
+    }
+    if let Some((m, v)) = &kv.heartbeat {
+        match age_seconds(v, obs.now) {
+            Some(age) if age <= HEARTBEAT_STALE_AFTER_SECONDS => {}
+            age => out.push(
+                Finding::new(
+                    FindingKind::HeartbeatStale,
+                    values::HEARTBEAT_KEY,
+                    match age {
+                        Some(a) => format!("{} was last written {a}s ago (stale after {HEARTBEAT_STALE_AFTER_SECONDS}s)", values::HEARTBEAT_KEY),
+                        None => format!("{} holds {v:?}, not an RFC 3339 time", values::HEARTBEAT_KEY),
+                    },
+                )
+                .kvstore(json!({"key": m.key, "value": v, "age_seconds": age}))
+                .keys([m.key.clone()]),
+            ),
+        }
+    }
+}
+
+fn pressure<T>(dump: &MapDump<T>, out: &mut Vec<Finding>) {
+    if dump.fill_ratio >= MAP_PRESSURE_RATIO {
+        out.push(
+            Finding::new(FindingKind::MapPressure, &dump.meta.name, format!("{} holds {} of {} entries ({:.1}%)", dump.meta.name, dump.entry_count, dump.meta.max_entries, dump.fill_ratio * 100.0))
+                .datapath(json!({"map": dump.meta, "entries": dump.entry_count, "fill_ratio": dump.fill_ratio})),
+        );
+    }
+}
+
+fn map_pressure(obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    pressure(&obs.datapath.ipcache, out);
+    pressure(&obs.datapath.endpoints, out);
+    if let Some(t) = &obs.datapath.tunnel {
+        pressure(t, out);
+    }
+}

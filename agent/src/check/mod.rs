@@ -1,0 +1,8 @@
+//! The cross-check: expected datapath from the kvstore (`expected`), compared with what the
+//! node holds (`diff`), reported as typed findings (`kinds`). Pure logic; `run` does the I/O.
+
+pub mod config;
+pub mod diff;
+pub mod expected;
+pub mod kinds;
+pub mod run;

@@ -1,0 +1,280 @@
+//! One check of this node: read both sides, derive, diff, settle, report. The only I/O of the
+//! check; everything it calls into is pure.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::config::DatapathConfig;
+use super::diff::{self, Finding, Observed};
+use super::expected::{self, NodeContext};
+use super::kinds::{FindingKind, Severity};
+use crate::datapath::addresses::{self, HostAddresses};
+use crate::datapath::{self, DatapathSnapshot, ReadOptions};
+use crate::kvstore::client::Etcd;
+use crate::kvstore::config::EtcdSettings;
+use crate::kvstore::health::{self, ClusterHealth};
+use crate::kvstore::reader::{self, KvstoreSnapshot, ListOptions};
+
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    pub datapath: ReadOptions,
+    pub etcd: EtcdSettings,
+    pub etcd_timeout: Duration,
+    pub list: ListOptions,
+    pub node_name: String,
+    pub cluster: String,
+    /// Cilium's state dir (`globals/node_config.h` inside).
+    pub state_dir: PathBuf,
+    /// Options that override node_config.h.
+    pub config_overrides: DatapathConfig,
+    /// Wait this long and re-read what the findings touch; 0 disables.
+    pub settle: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Datapath(#[from] datapath::DatapathError),
+    #[error(transparent)]
+    Kvstore(#[from] crate::kvstore::client::KvstoreError),
+    #[error("{0}: no etcd endpoint answered ({1})")]
+    EtcdDown(String, String),
+    #[error("reading Cilium's node_config.h under {path}: {source}")]
+    NodeConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal: {0}")]
+    Task(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Counts {
+    pub total: usize,
+    pub critical: usize,
+    pub warning: usize,
+    pub info: usize,
+    pub by_kind: std::collections::BTreeMap<FindingKind, usize>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeId {
+    pub name: String,
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DatapathSource {
+    pub bpffs: PathBuf,
+    pub layout: datapath::detect::LayoutChoice,
+    pub maps: Vec<datapath::maps::MapMeta>,
+    pub entries: Vec<(String, usize)>,
+    pub read_at: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KvstoreSource {
+    pub status: String,
+    pub revision: i64,
+    pub read_at: String,
+    pub keys: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SettleInfo {
+    pub window_ms: u128,
+    /// Findings seen in the first read and gone after re-reading: not reported.
+    pub settled: Vec<(FindingKind, String)>,
+    pub reread_keys: usize,
+    pub reread_revision: Option<i64>,
+    pub reread_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sources {
+    pub datapath: DatapathSource,
+    pub kvstore: KvstoreSource,
+    pub config: DatapathConfig,
+    pub assumptions: Vec<String>,
+}
+
+/// The JSON document of `kvcheck check` (schema in the README).
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub node: NodeId,
+    /// `consistent` or `drift`.
+    pub status: &'static str,
+    pub counts: Counts,
+    pub findings: Vec<Finding>,
+    pub sources: Sources,
+    pub settle: SettleInfo,
+    pub duration_ms: u128,
+}
+
+impl CheckReport {
+    pub fn consistent(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+/// Addresses Cilium treats as the node's own: loopback and link-local excluded.
+pub fn local_addresses(host: &HostAddresses) -> BTreeSet<IpAddr> {
+    host.all_addresses().map(ipnet::IpNet::addr).filter(|ip| !ip.is_loopback() && !diff::is_link_local(ip)).collect()
+}
+
+/// Everything read from both sides at one point in time.
+pub struct Reading {
+    pub datapath: DatapathSnapshot,
+    pub host: HostAddresses,
+    pub kvstore: KvstoreSnapshot,
+    pub health: ClusterHealth,
+    pub datapath_read_at: chrono::DateTime<chrono::Utc>,
+    pub kvstore_read_at: chrono::DateTime<chrono::Utc>,
+}
+
+pub async fn read_datapath(opts: &ReadOptions) -> Result<(DatapathSnapshot, HostAddresses), CheckError> {
+    let o = opts.clone();
+    let snap = tokio::task::spawn_blocking(move || datapath::read_maps(&o)).await.map_err(|e| CheckError::Task(e.to_string()))??;
+    let host = addresses::read_host_addresses(opts.netns.as_deref()).await?;
+    Ok((snap, host))
+}
+
+pub async fn connect(opts: &CheckOptions) -> Result<(Etcd, ClusterHealth), CheckError> {
+    let health = health::cluster_health(&opts.etcd, opts.etcd_timeout).await;
+    if health.connected == 0 {
+        let reasons: Vec<String> = health.endpoints.iter().map(|e| format!("{}: {}", e.endpoint, e.error.as_deref().unwrap_or("unreachable"))).collect();
+        return Err(CheckError::EtcdDown(health.status_line(), reasons.join("; ")));
+    }
+    let etcd = Etcd::connect_to(&opts.etcd, health.reachable_endpoints(), opts.etcd_timeout).await?;
+    Ok((etcd, health))
+}
+
+pub fn node_config(opts: &CheckOptions) -> Result<DatapathConfig, CheckError> {
+    let mut cfg = DatapathConfig::from_state_dir(&opts.state_dir).map_err(|source| CheckError::NodeConfig { path: opts.state_dir.clone(), source })?;
+    cfg.apply(&opts.config_overrides);
+    Ok(cfg)
+}
+
+pub fn context(opts: &CheckOptions, cfg: DatapathConfig, r: &Reading) -> NodeContext {
+    NodeContext {
+        node_name: opts.node_name.clone(),
+        cluster: opts.cluster.clone(),
+        layout: r.datapath.layout.layout,
+        config: cfg,
+        local_addresses: local_addresses(&r.host),
+        tunnel_map_in_use: r.datapath.tunnel.as_ref().is_some_and(|t| t.entry_count > 0),
+    }
+}
+
+/// Derives and diffs one reading.
+pub fn evaluate(ctx: &NodeContext, r: &Reading) -> (Vec<Finding>, Vec<String>) {
+    let exp = expected::derive(&r.kvstore, ctx);
+    let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
+    (diff::diff(&exp, ctx, &obs), exp.assumptions)
+}
+
+/// Re-reads `keys` from etcd into the snapshot (values that changed, appeared or vanished).
+pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSet<String>) -> Result<i64, CheckError> {
+    let mut kv = etcd.client.kv_client();
+    let mut revision = snap.revision;
+    for key in keys {
+        let resp = etcd.call(format!("get {key}"), kv.get(key.as_str(), None)).await?;
+        if let Some(h) = resp.header() {
+            revision = revision.max(h.revision());
+        }
+        snap.remove_key(key);
+        reader::decode_into(snap, resp.kvs());
+    }
+    snap.revision = revision;
+    Ok(revision)
+}
+
+pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
+    let started = std::time::Instant::now();
+    let cfg = node_config(opts)?;
+    let (etcd, health) = connect(opts).await?;
+    let kvstore = reader::read_snapshot(&etcd, &opts.list).await?;
+    let kvstore_read_at = chrono::Utc::now();
+    let (dp, host) = read_datapath(&opts.datapath).await?;
+    let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at: chrono::Utc::now(), kvstore_read_at };
+    let ctx = context(opts, cfg.clone(), &reading);
+    let (mut findings, assumptions) = evaluate(&ctx, &reading);
+    let first_revision = reading.kvstore.revision;
+
+    let mut settle = SettleInfo { window_ms: opts.settle.as_millis(), settled: Vec::new(), reread_keys: 0, reread_revision: None, reread_at: None };
+    if !findings.is_empty() && !opts.settle.is_zero() {
+        tokio::time::sleep(opts.settle).await;
+        // Kvstore side: only the keys the findings name. Datapath side: the maps again (an LPM
+        // lookup cannot tell an exact entry from a covering prefix, and a batch read of a full
+        // ipcache takes ~0.25 s).
+        let keys: BTreeSet<String> = findings.iter().flat_map(|f| f.kvstore_keys.iter().cloned()).collect();
+        let rev = reread_keys(&etcd, &mut reading.kvstore, &keys).await?;
+        reading.kvstore_read_at = chrono::Utc::now();
+        let (dp, host) = read_datapath(&opts.datapath).await?;
+        reading.datapath = dp;
+        reading.host = host;
+        reading.datapath_read_at = chrono::Utc::now();
+        let ctx = context(opts, cfg.clone(), &reading);
+        let (again, _) = evaluate(&ctx, &reading);
+        let persisting: BTreeSet<(FindingKind, String)> = again.iter().map(Finding::id).collect();
+        settle.settled = findings.iter().map(Finding::id).filter(|id| !persisting.contains(id)).collect();
+        let first: BTreeSet<(FindingKind, String)> = findings.iter().map(Finding::id).collect();
+        // Keep the re-read evidence of findings that persisted.
+        findings = again.into_iter().filter(|f| first.contains(&f.id())).collect();
+        settle.reread_keys = keys.len();
+        settle.reread_revision = Some(rev);
+        settle.reread_at = Some(reading.kvstore_read_at.to_rfc3339());
+    }
+
+    Ok(report(opts, reading, findings, assumptions, settle, first_revision, cfg, started.elapsed()))
+}
+
+#[allow(clippy::too_many_arguments, reason = "assembles the report from the check's parts")]
+fn report(
+    opts: &CheckOptions,
+    r: Reading,
+    findings: Vec<Finding>,
+    assumptions: Vec<String>,
+    settle: SettleInfo,
+    revision: i64,
+    config: DatapathConfig,
+    took: Duration,
+) -> CheckReport {
+    let mut by_kind = std::collections::BTreeMap::new();
+    for f in &findings {
+        *by_kind.entry(f.kind).or_insert(0) += 1;
+    }
+    let count = |s: Severity| findings.iter().filter(|f| f.severity == s).count();
+    let dp = &r.datapath;
+    let mut maps = vec![dp.ipcache.meta.clone(), dp.endpoints.meta.clone()];
+    let mut entries = vec![(dp.ipcache.meta.name.clone(), dp.ipcache.entry_count), (dp.endpoints.meta.name.clone(), dp.endpoints.entry_count)];
+    if let Some(t) = &dp.tunnel {
+        maps.push(t.meta.clone());
+        entries.push((t.meta.name.clone(), t.entry_count));
+    }
+    let kv = &r.kvstore;
+    CheckReport {
+        node: NodeId { name: opts.node_name.clone(), cluster: opts.cluster.clone() },
+        status: if findings.is_empty() { "consistent" } else { "drift" },
+        counts: Counts { total: findings.len(), critical: count(Severity::Critical), warning: count(Severity::Warning), info: count(Severity::Info), by_kind },
+        findings,
+        sources: Sources {
+            datapath: DatapathSource { bpffs: dp.bpffs.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() },
+            kvstore: KvstoreSource {
+                status: r.health.status_line(),
+                revision,
+                read_at: r.kvstore_read_at.to_rfc3339(),
+                keys: kv.nodes.len() + kv.ips.len() + kv.identities.len() + kv.identity_references.len() + kv.malformed.len(),
+            },
+            config,
+            assumptions,
+        },
+        settle,
+        duration_ms: took.as_millis(),
+    }
+}

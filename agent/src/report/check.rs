@@ -1,0 +1,76 @@
+//! `kvcheck check` as text: findings grouped by severity, each with the evidence an operator
+//! would have dug out by hand.
+
+use std::fmt::Write as _;
+
+use crate::check::diff::Finding;
+use crate::check::kinds::Severity;
+use crate::check::run::CheckReport;
+
+fn evidence_line(out: &mut String, label: &str, v: &Option<serde_json::Value>) {
+    let Some(v) = v else { return };
+    if v.is_null() {
+        return;
+    }
+    let text = match v.get("key").and_then(|k| k.as_str()) {
+        Some(key) if v.get("value").is_some_and(serde_json::Value::is_null) => format!("{key} (absent)"),
+        _ => v.to_string(),
+    };
+    let _ = writeln!(out, "      {label:<9} {text}");
+}
+
+fn finding(out: &mut String, f: &Finding) {
+    let _ = writeln!(out, "  {:<28} {:<26} {}", f.kind.name(), f.subject, f.message);
+    evidence_line(out, "datapath:", &f.datapath);
+    evidence_line(out, "kvstore:", &f.kvstore);
+}
+
+pub fn render(r: &CheckReport) -> String {
+    let mut out = String::new();
+    let c = &r.counts;
+    let verdict = if r.consistent() {
+        "CONSISTENT: the datapath agrees with the kvstore".to_owned()
+    } else {
+        format!("DRIFT: {} findings ({} critical, {} warning, {} info)", c.total, c.critical, c.warning, c.info)
+    };
+    let _ = writeln!(out, "node {}/{}: {verdict}", r.node.cluster, r.node.name);
+    let s = &r.sources;
+    let entries: Vec<String> = s.datapath.entries.iter().map(|(m, n)| format!("{m} {n}")).collect();
+    let _ = writeln!(out, "  datapath  {} layout {}; {} (read {})", s.datapath.bpffs.display(), s.datapath.layout.summary(), entries.join(", "), s.datapath.read_at);
+    let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
+    for a in &s.assumptions {
+        let _ = writeln!(out, "  assumed   {a}");
+    }
+    if r.settle.window_ms > 0 {
+        match (&r.settle.reread_revision, &r.settle.reread_at) {
+            (Some(rev), Some(at)) => {
+                let _ = writeln!(
+                    out,
+                    "  settle    {} ms; re-read {} keys at revision {rev} and the maps ({at}); {} transient findings dropped",
+                    r.settle.window_ms,
+                    r.settle.reread_keys,
+                    r.settle.settled.len()
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "  settle    {} ms (nothing to re-read)", r.settle.window_ms);
+            }
+        }
+    }
+    for sev in [Severity::Critical, Severity::Warning, Severity::Info] {
+        let group: Vec<&Finding> = r.findings.iter().filter(|f| f.severity == sev).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{}", format!("{sev:?}").to_uppercase());
+        for f in group {
+            finding(&mut out, f);
+        }
+    }
+    if !r.consistent() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "`kvcheck explain <kind>` says what a kind means, its usual causes and what to do.");
+    }
+    out
+}
