@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod maps;
 pub mod netns;
 pub mod sample;
+pub mod simcluster;
 pub mod simdata;
 pub mod simnode;
 

@@ -22,7 +22,9 @@ fn ip(args: &[&str]) -> std::io::Result<()> {
 
 impl Netns {
     pub fn new(prefix: &str) -> std::io::Result<Netns> {
-        let name = format!("{prefix}-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name])?;
         let ns = Netns { name };

@@ -414,12 +414,14 @@ fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
             None => out.push(
                 Finding::new(FindingKind::TunnelMissing, &subject, format!("pod CIDR {subject} of {} has no tunnel map entry (expected endpoint {})", t.node_key, t.endpoint))
                     .expected(t)
+                    .kvstore(kv_evidence(obs.kvstore, Some(&t.node_key)))
                     .keys([t.node_key.clone()]),
             ),
             Some(o) if o.tunnel_endpoint != t.endpoint => out.push(
                 Finding::new(FindingKind::TunnelMismatch, &subject, format!("pod CIDR {subject} tunnels to {}, but {} says its node IP is {}", o.tunnel_endpoint, t.node_key, t.endpoint))
                     .datapath(o)
                     .expected(t)
+                    .kvstore(kv_evidence(obs.kvstore, Some(&t.node_key)))
                     .keys([t.node_key.clone()]),
             ),
             Some(_) => {}
