@@ -6,3 +6,6 @@ pub mod diff;
 pub mod expected;
 pub mod kinds;
 pub mod run;
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,278 @@
+//! Property tests of the pure diff engine: random consistent nodes give no findings; one random
+//! mutation gives findings about that subject only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+
+use super::config::DatapathConfig;
+use super::diff::{diff, Observed};
+use super::expected::{derive, NodeContext};
+use crate::datapath::addresses::{HostAddresses, Interface};
+use crate::datapath::detect::LayoutChoice;
+use crate::datapath::endpoints::EndpointEntry;
+use crate::datapath::ipcache::IpcacheEntry;
+use crate::datapath::maps::{MapMeta, ReadMethod};
+use crate::datapath::tunnel::TunnelEntry;
+use crate::datapath::{DatapathSnapshot, MapDump};
+use crate::kvstore::reader::KvstoreSnapshot;
+use crate::kvstore::values::{IdentityEntry, IdentityReference, IpEntry, KvMeta, NodeAddress, NodeEntry};
+use crate::model::version::Layout;
+
+fn meta(key: String) -> KvMeta {
+    KvMeta { key, mod_revision: 1, lease: 0 }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn dump<T>(name: &str, max: u32, entries: Vec<T>) -> MapDump<T> {
+    MapDump {
+        meta: MapMeta { name: name.into(), path: name.into(), id: 1, map_type: "hash".into(), key_size: 0, value_size: 0, max_entries: max, flags: 0 },
+        entry_count: entries.len(),
+        fill_ratio: entries.len() as f64 / f64::from(max),
+        read_method: ReadMethod::BatchLookup,
+        entries,
+        undecodable: Vec::new(),
+        raw: None,
+    }
+}
+
+fn node(i: u8) -> NodeEntry {
+    NodeEntry {
+        meta: meta(format!("cilium/state/nodes/v1/default/node-{i}")),
+        name: format!("node-{i}"),
+        cluster: "default".into(),
+        addresses: vec![
+            NodeAddress { addr_type: "InternalIP".into(), ip: v4(192, 168, 0, i) },
+            NodeAddress { addr_type: "CiliumInternalIP".into(), ip: v4(10, i, 0, 1) },
+        ],
+        ipv4_alloc_cidr: Some(IpNet::new(v4(10, i, 0, 0), 24).unwrap()),
+        ipv6_alloc_cidr: None,
+        ipv4_secondary_alloc_cidrs: vec![],
+        ipv6_secondary_alloc_cidrs: vec![],
+        ipv4_health_ip: None,
+        ipv6_health_ip: None,
+        ipv4_ingress_ip: None,
+        ipv6_ingress_ip: None,
+        cluster_id: 0,
+        source: "local".into(),
+        encryption_key: 0,
+        node_identity: 0,
+    }
+}
+
+fn ipc(prefix: IpAddr, identity: u32, tunnel: Option<IpAddr>) -> IpcacheEntry {
+    IpcacheEntry { prefix: IpNet::from(prefix), cluster_id: 0, identity, tunnel_endpoint: tunnel, encrypt_key: 0, flags: 0, flag_names: vec![], node_id: None }
+}
+
+fn endpoint(ip: IpAddr, id: u16, identity: Option<u32>, host: bool) -> EndpointEntry {
+    EndpointEntry {
+        ip,
+        key_byte: 0,
+        cluster_id: 0,
+        ifindex: if host { 0 } else { u32::from(id) },
+        endpoint_id: if host { 0 } else { id },
+        flags: u32::from(host),
+        flag_names: vec![],
+        is_host: host,
+        mac: None,
+        node_mac: None,
+        identity,
+        parent_ifindex: None,
+        rt_info: None,
+    }
+}
+
+/// A consistent world: node 1 is "this" node; `pods[n]` lists (identity index) of the pods on
+/// node n+1.
+#[derive(Clone, Debug)]
+struct World {
+    kv: KvstoreSnapshot,
+    dp: DatapathSnapshot,
+    host: HostAddresses,
+    ctx: NodeContext,
+}
+
+fn world(pods: &[Vec<u8>], layout: Layout) -> World {
+    let identity = |k: u8| 1000 + u32::from(k);
+    let mut kv = KvstoreSnapshot { revision: 10, ..Default::default() };
+    let mut ipcache = vec![ipc(v4(0, 0, 0, 0), 2, None)];
+    ipcache[0].prefix = "0.0.0.0/0".parse().unwrap();
+    let mut lxc = Vec::new();
+    let mut tunnel = Vec::new();
+    let this_ip = v4(192, 168, 0, 1);
+    let mut used_here = BTreeSet::new();
+    for (n, node_pods) in pods.iter().enumerate() {
+        let i = n as u8 + 1;
+        let nd = node(i);
+        let node_ip = v4(192, 168, 0, i);
+        let local = i == 1;
+        for a in &nd.addresses {
+            let is_router = a.addr_type == "CiliumInternalIP";
+            let tunnel_ep = (!local && is_router).then_some(node_ip);
+            ipcache.push(ipc(a.ip, if local { 1 } else { 6 }, tunnel_ep));
+            if local {
+                lxc.push(endpoint(a.ip, 0, Some(0), true));
+            }
+        }
+        if !local {
+            tunnel.push(TunnelEntry { prefix: v4(10, i, 0, 0), cluster_id: 0, tunnel_endpoint: node_ip, encrypt_key: 0, node_id: None });
+        }
+        for (p, k) in node_pods.iter().enumerate() {
+            let ip = v4(10, i, 0, 10 + p as u8);
+            let id = identity(*k);
+            kv.ips.push(IpEntry {
+                meta: meta(format!("cilium/state/ip/v1/default/{ip}")),
+                prefix: IpNet::from(ip),
+                host_ip: Some(node_ip),
+                identity: id,
+                encrypt_key: 0,
+                metadata: String::new(),
+                k8s_namespace: None,
+                k8s_pod_name: None,
+            });
+            ipcache.push(ipc(ip, id, (!local).then_some(node_ip)));
+            if local {
+                lxc.push(endpoint(ip, 10 + p as u16, (layout >= Layout::V1_14).then_some(id), false));
+                used_here.insert(id);
+            }
+        }
+        kv.nodes.push(nd);
+    }
+    for k in 0..8u8 {
+        let id = identity(k);
+        let labels = format!("k8s:app=a{k};");
+        kv.identities.insert(id, IdentityEntry { meta: meta(format!("cilium/state/identities/v1/id/{id}")), id, labels: labels.clone() });
+        if used_here.contains(&id) {
+            kv.identity_references.push(IdentityReference {
+                meta: meta(format!("cilium/state/identities/v1/value/{labels}/{this_ip}")),
+                labels,
+                node: this_ip.to_string(),
+                id,
+            });
+        }
+    }
+    let host = HostAddresses {
+        cilium_host: Some(Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()] }),
+        interfaces: vec![
+            Interface { name: "eth0".into(), ifindex: 2, addresses: vec![IpNet::new(this_ip, 24).unwrap()] },
+            Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()] },
+        ],
+    };
+    let dp = DatapathSnapshot {
+        bpffs: "/sys/fs/bpf".into(),
+        layout: LayoutChoice { layout, source: "option", reasons: vec![], also_possible: vec![] },
+        ipcache: dump("cilium_ipcache", 512_000, ipcache),
+        endpoints: dump("cilium_lxc", 65_535, lxc),
+        tunnel: layout.has_tunnel_map().then(|| dump("cilium_tunnel_map", 65_536, tunnel)),
+    };
+    let ctx = NodeContext {
+        node_name: "node-1".into(),
+        cluster: "default".into(),
+        layout,
+        config: DatapathConfig { ipv4: Some(true), ipv6: Some(false), tunnel: Some(true), remote_node_identity: Some(true), encryption: Some(false), node_encryption: Some(false), host_firewall: Some(false), sources: vec![] },
+        local_addresses: [this_ip, v4(10, 1, 0, 1)].into_iter().collect(),
+        tunnel_map_in_use: true,
+    };
+    World { kv, dp, host, ctx }
+}
+
+fn findings(w: &World) -> Vec<super::diff::Finding> {
+    let exp = derive(&w.kv, &w.ctx);
+    diff(&exp, &w.ctx, &Observed { datapath: &w.dp, host: &w.host, kvstore: &w.kv, now: chrono::Utc::now() })
+}
+
+fn arb_world() -> impl Strategy<Value = World> {
+    let pods = prop::collection::vec(prop::collection::vec(0u8..8, 0..6), 1..6);
+    let layout = prop::sample::select(vec![Layout::V1_7, Layout::V1_15, Layout::V1_17]);
+    (pods, layout).prop_map(|(p, l)| world(&p, l))
+}
+
+/// One mutation of the datapath or the kvstore, and the IP it is about.
+#[derive(Clone, Debug)]
+enum Mutation {
+    DropIpcache(usize),
+    ChangeIdentity(usize, u32),
+    ChangeTunnel(usize),
+    AddStale(u8),
+    DropIpEntry(usize),
+}
+
+fn apply(w: &mut World, m: &Mutation) -> Option<String> {
+    let ipc = &mut w.dp.ipcache.entries;
+    match m {
+        Mutation::DropIpcache(i) => {
+            let e = ipc.remove(i % ipc.len());
+            // Entries Cilium may legitimately omit (e.g. remote InternalIPs in v1.10-v1.12's
+            // legacy mode) are optional: dropping one is not drift.
+            let exp = derive(&w.kv, &w.ctx);
+            exp.ipcache.get(&e.prefix).is_some_and(|x| x.required).then(|| e.prefix.addr().to_string())
+        }
+        Mutation::ChangeIdentity(i, id) => {
+            let n = ipc.len();
+            let e = &mut ipc[i % n];
+            e.identity = if e.identity == *id { id + 1 } else { *id };
+            Some(e.prefix.addr().to_string())
+        }
+        Mutation::ChangeTunnel(i) => {
+            let n = ipc.len();
+            let e = &mut ipc[i % n];
+            e.tunnel_endpoint = Some(v4(172, 31, 255, 254));
+            Some(e.prefix.addr().to_string())
+        }
+        Mutation::AddStale(d) => {
+            let ip = v4(10, 250, 0, *d);
+            ipc.push(ipc_entry_stale(ip));
+            Some(ip.to_string())
+        }
+        Mutation::DropIpEntry(i) => {
+            if w.kv.ips.is_empty() {
+                return None;
+            }
+            let n = w.kv.ips.len();
+            let e = w.kv.ips.remove(i % n);
+            Some(e.prefix.addr().to_string())
+        }
+    }
+}
+
+fn ipc_entry_stale(ip: IpAddr) -> IpcacheEntry {
+    ipc(ip, 1000, Some(v4(192, 168, 0, 2)))
+}
+
+fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::DropIpcache),
+        (any::<usize>(), 1000u32..1008).prop_map(|(i, id)| Mutation::ChangeIdentity(i, id)),
+        any::<usize>().prop_map(Mutation::ChangeTunnel),
+        any::<u8>().prop_map(Mutation::AddStale),
+        any::<usize>().prop_map(Mutation::DropIpEntry),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn consistent_worlds_have_no_findings(w in arb_world()) {
+        let f = findings(&w);
+        prop_assert!(f.is_empty(), "{:#?}", f);
+    }
+
+    #[test]
+    fn one_mutation_gives_findings_about_that_subject_only(w in arb_world(), m in arb_mutation()) {
+        let mut w = w;
+        let Some(subject_ip) = apply(&mut w, &m) else { return Ok(()) };
+        let f = findings(&w);
+        prop_assert!(!f.is_empty(), "mutation {:?} went unnoticed", m);
+        // Identity findings name identities: the mutated ip's identity references may follow.
+        let by_kind: BTreeMap<_, _> = f.iter().map(|x| (x.kind, x.subject.clone())).collect();
+        for x in &f {
+            let about_ip = x.subject.split('/').next() == Some(subject_ip.as_str());
+            let identity_side_effect = matches!(x.kind, super::kinds::FindingKind::IdentityReferenceLeaked | super::kinds::FindingKind::IdentityReferenceMissing);
+            prop_assert!(about_ip || identity_side_effect, "mutation {:?} on {} also reported {:?}", m, subject_ip, by_kind);
+        }
+    }
+}
