@@ -123,87 +123,76 @@ pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<F
 }
 
 fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
-    // Entries of other ClusterMesh clusters (cluster id ≠ 0) need their cluster's kvstore.
-    let observed: BTreeMap<IpNet, _> = obs
-        .datapath
-        .ipcache
-        .entries
-        .iter()
-        .filter(|e| e.cluster_id == 0)
-        .map(|e| (e.prefix, e))
-        .collect();
-    for (prefix, e) in &exp.ipcache {
+    // One pass over the (possibly 500k) observed entries; only the expected prefixes that were
+    // seen are remembered. Entries of other ClusterMesh clusters (cluster id ≠ 0) need their
+    // cluster's kvstore and are not checked here.
+    let mut seen: std::collections::HashSet<IpNet> = std::collections::HashSet::with_capacity(exp.ipcache.len());
+    for o in obs.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0) {
+        let prefix = &o.prefix;
         let subject = prefix.to_string();
+        let Some(e) = exp.ipcache.get(prefix) else {
+            if identity::scope(o.identity) != IdentityScope::Local {
+                // Local-scope (CIDR/FQDN) identities are node-local: not in the kvstore by design.
+                out.push(
+                    Finding::new(
+                        FindingKind::IpcacheStale,
+                        &subject,
+                        format!("{subject} -> identity {} via {} is in the ipcache, but no kvstore entry or local address explains it", identity::describe(o.identity), show(&o.tunnel_endpoint)),
+                    )
+                    .datapath(o)
+                    .kvstore(json!({"key": ip_key(prefix), "value": null, "revision": obs.kvstore.revision}))
+                    .keys([ip_key(prefix)]),
+                );
+            }
+            continue;
+        };
+        seen.insert(*prefix);
         let keys = e.kvstore_key.clone();
-        match observed.get(prefix) {
-            None if e.required => out.push(
-                Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
+        if !e.identities.contains(&o.identity) {
+            out.push(
+                Finding::new(
+                    FindingKind::IpcacheIdentityMismatch,
+                    &subject,
+                    format!("{subject}: ipcache identity {}, kvstore says {} ({})", identity::describe(o.identity), show_set(&e.identities), e.rule),
+                )
+                .datapath(o)
+                .expected(e)
+                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .keys(keys.clone()),
+            );
+        }
+        if !e.tunnel_endpoints.contains(&o.tunnel_endpoint) {
+            let want: Vec<String> = e.tunnel_endpoints.iter().map(show).collect();
+            out.push(
+                Finding::new(
+                    FindingKind::IpcacheTunnelMismatch,
+                    &subject,
+                    format!("{subject}: ipcache tunnel endpoint {}, expected {} ({})", show(&o.tunnel_endpoint), want.join(" or "), e.rule),
+                )
+                .datapath(o)
+                .expected(e)
+                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .keys(keys.clone()),
+            );
+        }
+        if let Some(k) = e.encrypt_keys.as_ref().filter(|k| !k.contains(&o.encrypt_key)) {
+            out.push(
+                Finding::new(FindingKind::IpcacheEncryptKeyMismatch, &subject, format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule))
+                    .datapath(o)
                     .expected(e)
                     .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
-                    .keys(keys),
-            ),
-            None => {}
-            Some(o) => {
-                if !e.identities.contains(&o.identity) {
-                    out.push(
-                        Finding::new(
-                            FindingKind::IpcacheIdentityMismatch,
-                            &subject,
-                            format!("{subject}: ipcache identity {}, kvstore says {} ({})", identity::describe(o.identity), show_set(&e.identities), e.rule),
-                        )
-                        .datapath(o)
-                        .expected(e)
-                        .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
-                        .keys(keys.clone()),
-                    );
-                }
-                if !e.tunnel_endpoints.contains(&o.tunnel_endpoint) {
-                    let want: Vec<String> = e.tunnel_endpoints.iter().map(show).collect();
-                    out.push(
-                        Finding::new(
-                            FindingKind::IpcacheTunnelMismatch,
-                            &subject,
-                            format!("{subject}: ipcache tunnel endpoint {}, expected {} ({})", show(&o.tunnel_endpoint), want.join(" or "), e.rule),
-                        )
-                        .datapath(o)
-                        .expected(e)
-                        .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
-                        .keys(keys.clone()),
-                    );
-                }
-                if let Some(k) = &e.encrypt_keys {
-                    if !k.contains(&o.encrypt_key) {
-                        out.push(
-                            Finding::new(
-                                FindingKind::IpcacheEncryptKeyMismatch,
-                                &subject,
-                                format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule),
-                            )
-                            .datapath(o)
-                            .expected(e)
-                            .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
-                            .keys(keys.clone()),
-                        );
-                    }
-                }
-            }
+                    .keys(keys.clone()),
+            );
         }
     }
-    for (prefix, o) in &observed {
-        if exp.ipcache.contains_key(prefix) || identity::scope(o.identity) == IdentityScope::Local {
-            // Local-scope (CIDR/FQDN) identities are node-local: not in the kvstore by design.
-            continue;
-        }
+    for (prefix, e) in exp.ipcache.iter().filter(|(p, e)| e.required && !seen.contains(*p)) {
         let subject = prefix.to_string();
+        let keys = e.kvstore_key.clone();
         out.push(
-            Finding::new(
-                FindingKind::IpcacheStale,
-                &subject,
-                format!("{subject} -> identity {} via {} is in the ipcache, but no kvstore entry or local address explains it", identity::describe(o.identity), show(&o.tunnel_endpoint)),
-            )
-            .datapath(o)
-            .kvstore(json!({"key": ip_key(prefix), "value": null, "revision": obs.kvstore.revision}))
-            .keys([ip_key(prefix)]),
+            Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
+                .expected(e)
+                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .keys(keys),
         );
     }
 }

@@ -66,7 +66,7 @@ fn node(i: u8) -> NodeEntry {
 }
 
 fn ipc(prefix: IpAddr, identity: u32, tunnel: Option<IpAddr>) -> IpcacheEntry {
-    IpcacheEntry { prefix: IpNet::from(prefix), cluster_id: 0, identity, tunnel_endpoint: tunnel, encrypt_key: 0, flags: 0, flag_names: vec![], node_id: None }
+    IpcacheEntry { prefix: IpNet::from(prefix), cluster_id: 0, identity, tunnel_endpoint: tunnel, encrypt_key: 0, flags: 0, flag_names: Default::default(), node_id: None }
 }
 
 fn endpoint(ip: IpAddr, id: u16, identity: Option<u32>, host: bool) -> EndpointEntry {

@@ -26,7 +26,7 @@ pub struct IpcacheEntry {
     pub encrypt_key: u8,
     /// The raw flags byte (v1.16+; 0 before).
     pub flags: u8,
-    pub flag_names: Vec<&'static str>,
+    pub flag_names: IpcacheFlags,
     /// v1.14's node id (ipcache v1 bytes 8..9); `None` in other layouts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<u16>,
@@ -36,26 +36,50 @@ const FLAG_SKIP_TUNNEL: u8 = 1 << 0;
 const FLAG_HAS_TUNNEL_EP: u8 = 1 << 1;
 const FLAG_IPV6_TUNNEL_EP: u8 = 1 << 2;
 const FLAG_REMOTE_CLUSTER: u8 = 1 << 3;
+const FLAG_NAMES: [(u8, &str); 4] = [
+    (FLAG_SKIP_TUNNEL, "skip-tunnel"),
+    (FLAG_HAS_TUNNEL_EP, "has-tunnel-endpoint"),
+    (FLAG_IPV6_TUNNEL_EP, "ipv6-tunnel-endpoint"),
+    (FLAG_REMOTE_CLUSTER, "remote-cluster"),
+];
 
-fn flag_names(layout: Layout, flags: u8) -> Vec<&'static str> {
-    let mut known: Vec<(u8, &'static str)> = vec![(FLAG_SKIP_TUNNEL, "skip-tunnel")];
-    if layout.ipcache_v2() {
-        known.push((FLAG_HAS_TUNNEL_EP, "has-tunnel-endpoint"));
-        known.push((FLAG_IPV6_TUNNEL_EP, "ipv6-tunnel-endpoint"));
+/// The flags byte with the bits its layout defines; two bytes per entry (500k entries are
+/// common), serialized as the list of names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheFlags {
+    pub bits: u8,
+    pub known: u8,
+}
+
+impl IpcacheFlags {
+    fn new(layout: Layout, bits: u8) -> IpcacheFlags {
+        let mut known = FLAG_SKIP_TUNNEL;
+        if layout.ipcache_v2() {
+            known |= FLAG_HAS_TUNNEL_EP | FLAG_IPV6_TUNNEL_EP;
+        }
+        if layout >= Layout::V1_19 {
+            known |= FLAG_REMOTE_CLUSTER;
+        }
+        IpcacheFlags { bits, known }
     }
-    if layout >= Layout::V1_19 {
-        known.push((FLAG_REMOTE_CLUSTER, "remote-cluster"));
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = FLAG_NAMES
+            .iter()
+            .filter(|(bit, _)| self.known & bit != 0 && self.bits & bit != 0)
+            .map(|(_, n)| *n)
+            .collect();
+        if self.bits & !self.known != 0 {
+            names.push("unknown-bits");
+        }
+        names
     }
-    let mut names: Vec<&'static str> = known
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    let unknown = known.iter().fold(flags, |rest, (bit, _)| rest & !bit);
-    if unknown != 0 {
-        names.push("unknown-bits");
+}
+
+impl Serialize for IpcacheFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
     }
-    names
 }
 
 /// Decodes the 24-byte key: (prefix, cluster id).
@@ -121,7 +145,7 @@ pub fn decode(layout: Layout, key: &[u8], value: &[u8]) -> Result<IpcacheEntry, 
         tunnel_endpoint,
         encrypt_key,
         flags,
-        flag_names: flag_names(layout, flags),
+        flag_names: IpcacheFlags::new(layout, flags),
         node_id,
     })
 }
@@ -155,7 +179,7 @@ mod tests {
         let e = decode(Layout::V1_18, &key, &v2).unwrap();
         assert_eq!(e.encrypt_key, 5);
         assert_eq!(e.tunnel_endpoint, Some("172.18.0.3".parse().unwrap()));
-        assert_eq!(e.flag_names, vec!["has-tunnel-endpoint"]);
+        assert_eq!(e.flag_names.names(), vec!["has-tunnel-endpoint"]);
     }
 
     #[test]

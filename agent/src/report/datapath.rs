@@ -67,7 +67,7 @@ pub fn render(snapshot: &DatapathSnapshot, host: &HostAddresses) -> String {
             opt_ip(e.tunnel_endpoint),
             e.encrypt_key,
             e.cluster_id,
-            flags(&e.flag_names),
+            flags(&e.flag_names.names()),
         );
     }
     undecodable(&mut out, ipc);

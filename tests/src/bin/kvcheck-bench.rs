@@ -276,6 +276,103 @@ fn kvstore_bench(args: &Args) -> Result<String> {
     Ok(table)
 }
 
+/// A node whose kvstore and datapath are consistent at scale: node-0 of a `shape` cluster,
+/// its ipcache topped up to `ipcache_entries` with local-scope CIDR identities (node-local by
+/// design, so classified and not drift).
+fn check_bench(args: &Args) -> Result<String> {
+    use kvcheck_tests::netns::Netns;
+    let shape = args.shape;
+    // v1.17: health endpoints have no ip/v1 keys (simdata writes none).
+    let layout = Layout::V1_17;
+    let etcd = EtcdCluster::single()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(simdata::load(&etcd.endpoints(), simdata::cluster_pairs(shape)))?;
+    let bpffs = BpffsMount::new()?;
+    // The ipcache sized up (Cilium's size is configurable): 500k entries in the default
+    // 512k map would rightly be reported as map-pressure.
+    let dir = bpffs.globals();
+    let maps = CiliumMaps {
+        ipcache: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::MapShape { max_entries: 1 << 20, ..kvcheck_tests::maps::ipcache_shape(layout) })?,
+        endpoints: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::endpoints_shape(layout, true))?,
+        tunnel: Some(kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::tunnel_shape())?),
+    };
+    let v4 = |s: &str| -> IpAddr { s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) };
+    let mut ipc: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let put = |ipc: &mut Vec<(Vec<u8>, Vec<u8>)>, prefix: IpNet, identity: u32, tunnel: Option<IpAddr>| {
+        ipc.push((encode::ipcache_key(layout, prefix, 0), encode::ipcache_value(layout, IpcacheValue { identity, tunnel_endpoint: tunnel, ..Default::default() })));
+    };
+    put(&mut ipc, "0.0.0.0/0".parse()?, 2, None);
+    for i in 0..shape.nodes {
+        let (a, b) = simdata::pod_cidr_base(i);
+        let node_ip = v4(&simdata::node_ip(i));
+        let local = i == 0;
+        put(&mut ipc, IpNet::from(node_ip), if local { 1 } else { 6 }, None);
+        put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.1"))), if local { 1 } else { 6 }, (!local).then_some(node_ip));
+        put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.2"))), 4, (!local).then_some(node_ip));
+        if !local {
+            if let Some(t) = &maps.tunnel {
+                t.update(&encode::tunnel_key(v4(&format!("10.{a}.{b}.0"))), &encode::tunnel_value(node_ip, 0))?;
+            }
+        }
+    }
+    let mut local_pods = Vec::new();
+    for j in 0..shape.ips {
+        let n = j % shape.nodes;
+        let (a, b) = simdata::pod_cidr_base(n);
+        let ip = v4(&format!("10.{a}.{b}.{}", 3 + j / shape.nodes));
+        let id = 256 + j % shape.identities;
+        put(&mut ipc, IpNet::from(ip), id, (n != 0).then(|| v4(&simdata::node_ip(n))));
+        if n == 0 {
+            local_pods.push((ip, id, j));
+        }
+    }
+    let mut k = 0u32;
+    while (ipc.len() as u32) < args.ipcache_entries {
+        put(&mut ipc, IpNet::from(IpAddr::V4(Ipv4Addr::from(0x6440_0000u32 + k))), 0x0100_0001 + k % 1000, None);
+        k += 1;
+    }
+    let total_ipcache = ipc.len();
+    maps.ipcache.fill(ipc.into_iter(), 4096)?;
+    for ip in [v4(&simdata::node_ip(0)), v4("10.0.0.1")] {
+        maps.endpoints.update(&encode::endpoint_key(ip), &encode::endpoint_value(layout, EndpointValue::host()))?;
+    }
+    maps.endpoints.update(&encode::endpoint_key(v4("10.0.0.2")), &encode::endpoint_value(layout, EndpointValue { ifindex: 2, endpoint_id: 2, identity: 4, ..Default::default() }))?;
+    for (ip, id, j) in &local_pods {
+        maps.endpoints.update(&encode::endpoint_key(*ip), &encode::endpoint_value(layout, EndpointValue { ifindex: 100 + j % 1000, endpoint_id: (j % 60000) as u16, identity: *id, ..Default::default() }))?;
+    }
+    let ns = Netns::new("kvc-bench")?;
+    ns.add_interface("eth0", &[&format!("{}/16", simdata::node_ip(0))])?;
+    ns.add_cilium_host(&["10.0.0.1/32"])?;
+    let state = bpffs.root.with_extension("state");
+    std::fs::create_dir_all(state.join("globals"))?;
+    std::fs::write(state.join("globals/node_config.h"), "#define ENABLE_IPV4 1\n#define TUNNEL_MODE 1\n")?;
+
+    let bin = kvcheck_bin();
+    let endpoints = etcd.endpoints_arg();
+    let netns = format!("/var/run/netns/{}", ns.name);
+    let root = bpffs.root_str().to_owned();
+    let state_arg = state.display().to_string();
+    let make = || {
+        let mut c = Command::new(&bin);
+        c.args(["check", "--bpffs", &root, "--etcd-endpoints", &endpoints, "--node-name", "node-0", "--netns", &netns])
+            .args(["--cilium-state-dir", &state_arg, "--cilium-version", "1.17", "--settle", "0", "--output", "json"]);
+        c
+    };
+    // Exit code 0 = consistent: the bench node must check clean, or the figures mean little.
+    let first = make().output()?;
+    if !first.status.success() {
+        let doc: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap_or_default();
+        let sample: Vec<String> = doc["findings"].as_array().map(|a| a.iter().take(5).map(|f| f["message"].to_string()).collect()).unwrap_or_default();
+        bail!("the bench node does not check clean: {} {}; {}", doc["counts"]["by_kind"], sample.join("; "), String::from_utf8_lossy(&first.stderr));
+    }
+    let (took, rss) = measure(args.runs, make)?;
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(format!(
+        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {total_ipcache} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n",
+        shape.nodes, shape.ips, shape.identities, k, local_pods.len(), shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0
+    ))
+}
+
 fn etcd_version() -> String {
     Command::new(kvcheck_tests::etcd::etcd_binary())
         .arg("--version")
@@ -301,6 +398,11 @@ fn main() -> Result<()> {
         let t = kvstore_bench(&args)?;
         print!("{t}\n");
         doc.push_str(&format!("## Kvstore read\n\n{t}\n"));
+    }
+    if args.only.as_deref().is_none_or(|o| o == "check") {
+        let t = check_bench(&args)?;
+        print!("{t}\n");
+        doc.push_str(&format!("## Full check\n\n{t}\n"));
     }
     if let Some(path) = &args.write {
         let machine = format!(
