@@ -276,16 +276,12 @@ fn main() -> Result<()> {
         Task::Build => build(),
         Task::Test { args } => test(&args),
         Task::Demo => {
-            if !have_command("bpftool") || !have_command("ip") {
-                setup()?;
-            }
+            setup()?;
             let bin = release_binaries()?;
             run(Command::new(bin.join("kvcheck-demo")).env("KVCHECK_BIN", bin.join("kvcheck")))
         }
         Task::Bench { args } => {
-            if !have_command("bpftool") {
-                setup()?;
-            }
+            setup()?;
             let bin = release_binaries()?;
             run(Command::new(bin.join("kvcheck-bench"))
                 .env("KVCHECK_BIN", bin.join("kvcheck"))
