@@ -104,6 +104,9 @@ struct EtcdOptions {
     /// Also count KVStoreMesh's cilium/cache/ keys.
     #[arg(long)]
     include_kvstoremesh_cache: bool,
+    /// Keys per etcd range request (memory vs round trips; see BENCHMARKS.md).
+    #[arg(long, default_value_t = kvstore::reader::DEFAULT_PAGE_SIZE)]
+    etcd_page_size: i64,
 }
 
 #[derive(Args)]
@@ -148,6 +151,10 @@ impl EtcdOptions {
         );
         s.validate()?;
         Ok(s)
+    }
+
+    fn list_options(&self) -> kvstore::reader::ListOptions {
+        kvstore::reader::ListOptions { page_size: self.etcd_page_size.max(0), include_cache: self.include_kvstoremesh_cache }
     }
 
     fn timeout(&self) -> std::time::Duration {
@@ -258,7 +265,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         datapath: args.datapath.read_options(false),
         etcd: args.etcd.settings()?,
         etcd_timeout: args.etcd.timeout(),
-        list: kvstore::reader::ListOptions { include_cache: args.etcd.include_kvstoremesh_cache, ..Default::default() },
+        list: args.etcd.list_options(),
         node_name: args.node.name_or_hostname()?,
         cluster: args.node.cluster_name.clone(),
         state_dir: args.cilium_state_dir.clone(),
@@ -300,12 +307,13 @@ async fn dump_kvstore(args: &DumpKvstore) -> anyhow::Result<()> {
     }
     // tonic's balanced channel keeps picking dead members; read from the ones that answered.
     let etcd = kvstore::client::Etcd::connect_to(&settings, health.reachable_endpoints(), timeout).await?;
-    let list = kvstore::reader::ListOptions {
-        include_cache: args.etcd.include_kvstoremesh_cache,
-        ..Default::default()
-    };
-    let snap = kvstore::reader::read_snapshot(&etcd, &list).await?;
+    let list = args.etcd.list_options();
     let node_name = args.node.node_name.as_deref();
+    // The view shows one node: keep its entries, count the rest.
+    let snap = match node_name {
+        Some(name) => kvstore::reader::read_node_view(&etcd, &list, &args.node.cluster_name, name).await?,
+        None => kvstore::reader::read_snapshot(&etcd, &list).await?,
+    };
     let lease = node_name
         .and_then(|n| snap.nodes.iter().find(|e| e.name == n && e.cluster == args.node.cluster_name))
         .map_or(0, |n| n.meta.lease);
@@ -330,6 +338,13 @@ fn write_json(value: &impl Serialize) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // glibc gives each thread its own malloc arena; for a short-lived reader that mostly
+    // inflates RSS (measured: 37 -> 27 MiB reading 125k keys). Two arenas keep both
+    // worker threads from contending.
+    // SAFETY: mallopt only tunes the allocator; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

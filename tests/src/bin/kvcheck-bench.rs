@@ -101,21 +101,29 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command (stdout discarded) and returns its wall time and its own peak RSS in KiB.
+///
+/// The RSS comes from GNU time, which forks the command from its own small process: a child
+/// forked straight from this (large) benchmark process would report this process's peak as
+/// its own (Linux carries the parent's high-water mark into the child's `ru_maxrss`).
 fn run_measured(cmd: &mut Command) -> Result<(Duration, i64)> {
-    let t = Instant::now();
-    let child = cmd.stdout(Stdio::null()).spawn()?;
-    let mut status = 0;
-    // SAFETY: wait4 fills the zeroed rusage for this child, which std has not reaped.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::wait4(child.id() as i32, &mut status, 0, &mut ru);
-        ru
-    };
-    let elapsed = t.elapsed();
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("{cmd:?} failed (status {status})");
+    let out_file = std::env::temp_dir().join(format!("kvcheck-bench-rss-{}", std::process::id()));
+    let mut timed = Command::new("/usr/bin/time");
+    timed.args(["-f", "%M", "-o"]).arg(&out_file).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => timed.env(k, v),
+            None => timed.env_remove(k),
+        };
     }
-    Ok((elapsed, ru.ru_maxrss))
+    let t = Instant::now();
+    let status = timed.stdout(Stdio::null()).status()?;
+    let elapsed = t.elapsed();
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    let rss = std::fs::read_to_string(&out_file)?.lines().last().unwrap_or_default().trim().parse()?;
+    let _ = std::fs::remove_file(&out_file);
+    Ok((elapsed, rss))
 }
 
 /// Median wall time and the largest peak RSS over `runs` runs.
@@ -259,6 +267,17 @@ fn kvstore_bench(args: &Args) -> Result<String> {
         pages.push_str(&format!("| {label} | {:.0} |\n", d.as_secs_f64() * 1000.0));
     }
 
+    // The floor: one raw range over cilium/state/ through etcd-client, nothing decoded.
+    let floor = time_runs(args.runs, || {
+        rt.block_on(async {
+            let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+            let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
+            let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
+            anyhow::ensure!(resp.kvs().len() == total_keys);
+            Ok(())
+        })
+    })?;
+
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mib = |k: i64| k as f64 / 1024.0;
     let mut table = format!(
@@ -270,6 +289,10 @@ fn kvstore_bench(args: &Args) -> Result<String> {
     table.push_str(&format!(
         "| `kvcheck dump kvstore --output json` (health, paged read, decode) | {:.0} | {:.1} | {:.2}x | {:.2}x |\n",
         ms(cli), mib(cli_rss), ms(cli) / ms(etcdctl), cli_rss as f64 / etcdctl_rss as f64
+    ));
+    table.push_str(&format!(
+        "| raw etcd-client range of `cilium/state/`, in-process, nothing decoded (the floor) | {:.0} | - | {:.2}x | - |\n",
+        ms(floor), ms(floor) / ms(etcdctl)
     ));
     table.push_str("\nPage size (kvcheck library, read + decode, in-process):\n\n| page | wall ms |\n|---|---:|\n");
     table.push_str(&pages);
