@@ -202,6 +202,15 @@ struct DumpDatapath {
     /// Include each entry's raw key and value bytes (hex) in JSON output.
     #[arg(long)]
     raw: bool,
+    /// After the snapshot, print one line (JSON: one object) per change until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Do not load the eBPF change-event program; poll instead.
+    #[arg(long, env = "KVCHECK_NO_EBPF", value_parser = clap::builder::FalseyValueParser::new())]
+    no_ebpf: bool,
+    /// Polling interval when eBPF change events are unavailable or off.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll_interval: std::time::Duration,
 }
 
 impl DatapathOptions {
@@ -243,7 +252,41 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
         }
         Output::Table => print!("{}", report::datapath::render(&snapshot, &host)),
     }
+    if args.follow {
+        follow_datapath(args, snapshot.layout.layout).await?;
+    }
     Ok(())
+}
+
+async fn follow_datapath(args: &DumpDatapath, layout: kvcheck::model::version::Layout) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let opts = args.datapath.read_options(false);
+    let follow = datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval };
+    let mut feed = datapath::events::ChangeFeed::open(&opts, layout, &follow)?;
+    let how = match &feed.fallback_reason {
+        None => "eBPF change events".to_owned(),
+        Some(r) => format!("polling every {:?} ({r})", args.poll_interval),
+    };
+    if args.output == Output::Table {
+        println!("\nfollowing changes via {how}; Ctrl-C stops");
+    } else {
+        eprintln!("following changes via {how}");
+    }
+    std::io::stdout().flush()?;
+    loop {
+        let changes = tokio::select! {
+            c = feed.next() => c?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let mut out = std::io::stdout().lock();
+        for c in changes {
+            match args.output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string(&c)?)?,
+                Output::Table => writeln!(out, "{}", report::datapath::change_line(&c))?,
+            }
+        }
+        out.flush()?;
+    }
 }
 
 impl NodeIdentityArgs {

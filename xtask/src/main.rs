@@ -189,6 +189,8 @@ fn cargo() -> Command {
     c.current_dir(root());
     let path = std::env::var("PATH").unwrap_or_default();
     c.env("PATH", format!("{}:{path}", tools_dir().join("bin").display()));
+    // The eBPF program must build here (agent/build.rs otherwise falls back to polling).
+    c.env("KVCHECK_REQUIRE_EBPF", "1");
     c
 }
 

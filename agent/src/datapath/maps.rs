@@ -121,6 +121,28 @@ impl PinnedMap {
         })
     }
 
+    /// The current value of exactly `key`, or `None` when the map has no such entry. For an LPM
+    /// trie a lookup returns the longest *matching* prefix, so existence is checked first:
+    /// GET_NEXT_KEY of a key that is not in the trie restarts at the first key.
+    pub fn get_exact(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DatapathError> {
+        let mut value = vec![0u8; self.meta.value_size as usize];
+        if self.meta.map_type == map_type_name(MapType::LpmTrie) {
+            let mut first = vec![0u8; key.len()];
+            let mut next = vec![0u8; key.len()];
+            let has_first = sys::get_next_key(self.fd(), None, &mut first).map_err(|e| self.read_error(e))?;
+            if !has_first {
+                return Ok(None);
+            }
+            let has_next = sys::get_next_key(self.fd(), Some(key), &mut next).map_err(|e| self.read_error(e))?;
+            // Present: the next key follows it (or it is the last). Absent: iteration restarts.
+            if has_next && next == first {
+                return Ok(None);
+            }
+        }
+        let found = sys::lookup_elem(self.fd(), key, &mut value).map_err(|e| self.read_error(e))?;
+        Ok(found.then_some(value))
+    }
+
     /// Checks the map type against what Cilium creates for this map.
     pub fn expect_type(&self, expected: MapType) -> Result<(), DatapathError> {
         let want = map_type_name(expected);

@@ -5,9 +5,11 @@
 //! reads rtnetlink. [`read_snapshot`] ties them together.
 
 pub mod addresses;
+pub mod btf;
 pub mod codec;
 pub mod detect;
 pub mod endpoints;
+pub mod events;
 pub mod ipcache;
 pub mod maps;
 pub mod sys;

@@ -153,3 +153,14 @@ pub fn render_addresses(host: &HostAddresses) -> String {
     }
     out
 }
+
+/// One `--follow` line: `+ cilium_ipcache 10.1.0.5/32 {..}`, `~ ... old -> new`, `- ...`.
+pub fn change_line(c: &crate::datapath::events::DatapathChange) -> String {
+    use crate::datapath::events::Op;
+    let show = |v: &Option<serde_json::Value>| v.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string);
+    match c.op {
+        Op::Added => format!("{} + {} {} {}", c.at, c.map, c.subject, show(&c.new)),
+        Op::Removed => format!("{} - {} {} {}", c.at, c.map, c.subject, show(&c.old)),
+        Op::Updated => format!("{} ~ {} {} {} -> {}", c.at, c.map, c.subject, show(&c.old), show(&c.new)),
+    }
+}

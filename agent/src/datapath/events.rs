@@ -1,0 +1,354 @@
+//! Live datapath changes: BPF change events from `agent-ebpf` (a tracepoint on bpf() that
+//! reports updates and deletes of the watched maps, filtered in the kernel by map id), or, when
+//! the program cannot run here, periodic snapshot diffing. Either way each change is confirmed
+//! by re-reading the key from the pinned map (the event fires before the kernel validates the
+//! update, so a failed update yields nothing) and reported as added / updated / removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::maps::{PinnedMap, ReadStrategy};
+use super::{endpoints, ipcache, tunnel, DatapathError, ReadOptions, ENDPOINTS, IPCACHE_V1, IPCACHE_V2, TUNNEL};
+use crate::model::version::Layout;
+
+/// Which of Cilium's maps a watched map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapKind {
+    Ipcache,
+    Endpoints,
+    Tunnel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Added,
+    Updated,
+    Removed,
+}
+
+/// One confirmed change of one map entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct DatapathChange {
+    pub map: String,
+    pub kind: MapKind,
+    pub op: Op,
+    /// The entry's subject: prefix (ipcache), IP (endpoints), pod CIDR base (tunnel).
+    pub subject: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+    /// When kvcheck saw the change (RFC 3339, ns).
+    pub at: String,
+    /// `ebpf` or `poll`.
+    pub source: &'static str,
+}
+
+struct Watched {
+    kind: MapKind,
+    map: PinnedMap,
+    /// Raw key → raw value, as last seen.
+    mirror: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Watched {
+    fn decode(&self, layout: Layout, key: &[u8], value: &[u8]) -> (String, Option<Value>) {
+        let (subject, v) = match self.kind {
+            MapKind::Ipcache => match ipcache::decode(layout, key, value) {
+                Ok(e) => (e.prefix.to_string(), serde_json::to_value(e).ok()),
+                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
+            },
+            MapKind::Endpoints => match endpoints::decode(layout, key, value) {
+                Ok(e) => (e.ip.to_string(), serde_json::to_value(e).ok()),
+                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
+            },
+            MapKind::Tunnel => match tunnel::decode(layout, key, value) {
+                Ok(e) => (e.prefix.to_string(), serde_json::to_value(e).ok()),
+                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
+            },
+        };
+        (subject, v)
+    }
+
+    /// Compares the map's current value for `key` with the mirror and updates it.
+    fn confirm(&mut self, layout: Layout, key: &[u8], source: &'static str) -> Result<Option<DatapathChange>, DatapathError> {
+        let now = self.map.get_exact(key)?;
+        Ok(self.record(layout, key.to_vec(), now, source))
+    }
+
+    fn record(&mut self, layout: Layout, key: Vec<u8>, now: Option<Vec<u8>>, source: &'static str) -> Option<DatapathChange> {
+        let before = self.mirror.get(&key).cloned();
+        if before == now {
+            return None;
+        }
+        let op = match (&before, &now) {
+            (None, Some(_)) => Op::Added,
+            (Some(_), Some(_)) => Op::Updated,
+            _ => Op::Removed,
+        };
+        let (subject, old) = before.as_ref().map_or((String::new(), None), |v| self.decode(layout, &key, v));
+        let (subject2, new) = now.as_ref().map_or((String::new(), None), |v| self.decode(layout, &key, v));
+        match &now {
+            Some(v) => self.mirror.insert(key, v.clone()),
+            None => self.mirror.remove(&key),
+        };
+        Some(DatapathChange {
+            map: self.map.meta.name.clone(),
+            kind: self.kind,
+            op,
+            subject: if subject2.is_empty() { subject } else { subject2 },
+            old,
+            new,
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            source,
+        })
+    }
+
+    /// Re-reads the whole map and reports every difference from the mirror.
+    fn resync(&mut self, layout: Layout, source: &'static str) -> Result<Vec<DatapathChange>, DatapathError> {
+        let raw = self.map.read_all(ReadStrategy::BatchWithFallback)?;
+        let current: HashMap<Vec<u8>, Vec<u8>> = raw.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let mut keys: Vec<Vec<u8>> = current.keys().chain(self.mirror.keys()).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys.into_iter().filter_map(|k| {
+            let now = current.get(&k).cloned();
+            self.record(layout, k, now, source)
+        }).collect())
+    }
+}
+
+enum Source {
+    #[cfg(kvcheck_ebpf)]
+    Ebpf(ebpf::Program),
+    Poll(Duration),
+}
+
+/// Follows Cilium's ipcache, endpoint and tunnel maps.
+pub struct ChangeFeed {
+    layout: Layout,
+    maps: Vec<Watched>,
+    source: Source,
+    /// Why the eBPF program is not in use, if it is not.
+    pub fallback_reason: Option<String>,
+}
+
+/// How to follow.
+#[derive(Clone, Debug)]
+pub struct FollowOptions {
+    /// Use the eBPF program when it can run (else poll).
+    pub ebpf: bool,
+    pub poll_interval: Duration,
+}
+
+impl ChangeFeed {
+    pub fn open(opts: &ReadOptions, layout: Layout, follow: &FollowOptions) -> Result<ChangeFeed, DatapathError> {
+        let dir = super::globals_dir(&opts.bpffs);
+        let ipcache_name = if layout.ipcache_v2() { IPCACHE_V2 } else { IPCACHE_V1 };
+        let mut maps = vec![
+            (MapKind::Ipcache, PinnedMap::open(ipcache_name, &dir.join(ipcache_name))?),
+            (MapKind::Endpoints, PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?),
+        ];
+        if layout.has_tunnel_map() {
+            if let Some(t) = PinnedMap::open_if_present(TUNNEL, &dir.join(TUNNEL))? {
+                maps.push((MapKind::Tunnel, t));
+            }
+        }
+        let mut watched = Vec::new();
+        for (kind, map) in maps {
+            let raw = map.read_all(opts.strategy)?;
+            let mirror = raw.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            watched.push(Watched { kind, map, mirror });
+        }
+        let (source, fallback_reason) = if follow.ebpf {
+            match Self::attach(&watched) {
+                Ok(s) => (s, None),
+                Err(reason) => (Source::Poll(follow.poll_interval), Some(reason)),
+            }
+        } else {
+            (Source::Poll(follow.poll_interval), Some("eBPF change events switched off".to_owned()))
+        };
+        if let Some(r) = &fallback_reason {
+            tracing::warn!(reason = %r, interval = ?follow.poll_interval, "datapath change events: polling instead of eBPF");
+        }
+        Ok(ChangeFeed { layout, maps: watched, source, fallback_reason })
+    }
+
+    #[cfg(kvcheck_ebpf)]
+    fn attach(watched: &[Watched]) -> Result<Source, String> {
+        let ids: Vec<(u32, u32)> = watched.iter().map(|w| (w.map.meta.id, w.map.meta.key_size)).collect();
+        ebpf::Program::attach(&ids).map(Source::Ebpf)
+    }
+
+    #[cfg(not(kvcheck_ebpf))]
+    fn attach(_watched: &[Watched]) -> Result<Source, String> {
+        Err("kvcheck was built without its eBPF program (no bpf-linker at build time)".to_owned())
+    }
+
+    /// `ebpf` or `poll`.
+    pub fn source_name(&self) -> &'static str {
+        match self.source {
+            #[cfg(kvcheck_ebpf)]
+            Source::Ebpf(_) => "ebpf",
+            Source::Poll(_) => "poll",
+        }
+    }
+
+    /// Waits for the next confirmed changes.
+    pub async fn next(&mut self) -> Result<Vec<DatapathChange>, DatapathError> {
+        loop {
+            let changes = match &mut self.source {
+                #[cfg(kvcheck_ebpf)]
+                Source::Ebpf(program) => {
+                    let events = program.next_events().await.map_err(|e| DatapathError::Read { path: "ring buffer".into(), source: e })?;
+                    // Coalesce: one confirmation per (map, key); a truncated batch re-reads the map.
+                    let mut keys: BTreeMap<(u32, Vec<u8>), ()> = BTreeMap::new();
+                    let mut resync: Vec<u32> = Vec::new();
+                    for ev in events {
+                        if ev.truncated {
+                            resync.push(ev.map_id);
+                        } else {
+                            keys.insert((ev.map_id, ev.key), ());
+                        }
+                    }
+                    let mut out = Vec::new();
+                    for w in &mut self.maps {
+                        if resync.contains(&w.map.meta.id) {
+                            out.extend(w.resync(self.layout, "ebpf")?);
+                        }
+                    }
+                    for ((id, key), ()) in keys {
+                        if let Some(w) = self.maps.iter_mut().find(|w| w.map.meta.id == id) {
+                            if key.len() == w.map.meta.key_size as usize {
+                                out.extend(w.confirm(self.layout, &key, "ebpf")?);
+                            }
+                        }
+                    }
+                    out
+                }
+                Source::Poll(interval) => {
+                    tokio::time::sleep(*interval).await;
+                    let mut out = Vec::new();
+                    for w in &mut self.maps {
+                        out.extend(w.resync(self.layout, "poll")?);
+                    }
+                    out
+                }
+            };
+            if !changes.is_empty() {
+                return Ok(changes);
+            }
+        }
+    }
+}
+
+#[cfg(kvcheck_ebpf)]
+mod ebpf {
+    //! Loading and attaching `agent-ebpf`, and reading its ring buffer.
+
+    use std::path::Path;
+
+    use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+    use aya::programs::TracePoint;
+    use tokio::io::unix::AsyncFd;
+
+    use crate::datapath::btf::{Btf, KernelOffsets};
+
+    static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvcheck-ebpf"));
+    const KEY_MAX: usize = 32;
+
+    /// The event the program emits (agent-ebpf/src/main.rs `Event`).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct RawEvent {
+        map_id: u32,
+        cmd: u32,
+        key_size: u32,
+        truncated: u32,
+        key: [u8; KEY_MAX],
+    }
+
+    pub struct Event {
+        pub map_id: u32,
+        pub key: Vec<u8>,
+        pub truncated: bool,
+    }
+
+    pub struct Program {
+        // Keeps the program attached for as long as the feed lives.
+        _ebpf: aya::Ebpf,
+        ring: AsyncFd<RingBuf<MapData>>,
+    }
+
+    fn ensure_tracefs() {
+        let dir = Path::new("/sys/kernel/tracing");
+        if dir.join("events").exists() {
+            return;
+        }
+        let (src, fs) = (c"tracefs", c"tracefs");
+        let target = c"/sys/kernel/tracing";
+        // SAFETY: valid NUL-terminated strings; failure is reported by attach below.
+        unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    }
+
+    impl Program {
+        /// Loads and attaches the program, watching `(map id, key size)` pairs.
+        pub fn attach(maps: &[(u32, u32)]) -> Result<Program, String> {
+            let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| format!("no kernel BTF (/sys/kernel/btf/vmlinux: {e})"))?;
+            let off = KernelOffsets::from_btf(&Btf::parse(&btf).map_err(|e| format!("kernel BTF: {e}"))?).map_err(|e| format!("kernel BTF: {e}"))?;
+            ensure_tracefs();
+            let mut ebpf = aya::EbpfLoader::new()
+                .override_global("OFF_TASK_FILES", &off.task_files, true)
+                .override_global("OFF_FILES_FDT", &off.files_fdt, true)
+                .override_global("OFF_FDT_MAX_FDS", &off.fdt_max_fds, true)
+                .override_global("OFF_FDT_FD", &off.fdt_fd, true)
+                .override_global("OFF_FILE_PRIVATE_DATA", &off.file_private_data, true)
+                .override_global("OFF_MAP_ID", &off.map_id, true)
+                .load(PROGRAM)
+                .map_err(|e| format!("loading the eBPF program: {e}"))?;
+            {
+                let mut watched: BpfHashMap<_, u32, u32> =
+                    BpfHashMap::try_from(ebpf.map_mut("WATCHED").ok_or("program has no WATCHED map")?).map_err(|e| e.to_string())?;
+                for (id, key_size) in maps {
+                    watched.insert(id, key_size, 0).map_err(|e| format!("watching map {id}: {e}"))?;
+                }
+            }
+            let prog: &mut TracePoint = ebpf
+                .program_mut("sys_enter_bpf")
+                .ok_or("program sys_enter_bpf missing")?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            prog.load().map_err(|e| format!("loading the tracepoint program: {e}"))?;
+            prog.attach("syscalls", "sys_enter_bpf").map_err(|e| format!("attaching to syscalls/sys_enter_bpf: {e}"))?;
+            let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or("program has no EVENTS map")?).map_err(|e| e.to_string())?;
+            // The ring buffer owns its fd for as long as the AsyncFd lives.
+            #[allow(deprecated, reason = "AsyncFd::new is sound here: RingBuf owns the fd")]
+            let ring = AsyncFd::new(ring).map_err(|e| format!("ring buffer: {e}"))?;
+            Ok(Program { _ebpf: ebpf, ring })
+        }
+
+        /// Waits until events arrive and returns all that are queued.
+        pub async fn next_events(&mut self) -> std::io::Result<Vec<Event>> {
+            loop {
+                let mut guard = self.ring.readable_mut().await?;
+                let ring = guard.get_inner_mut();
+                let mut out = Vec::new();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<RawEvent>() {
+                        // SAFETY: the program writes a whole RawEvent per record; read unaligned.
+                        let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        let n = (raw.key_size as usize).min(KEY_MAX);
+                        out.push(Event { map_id: raw.map_id, key: raw.key[..n].to_vec(), truncated: raw.truncated != 0 });
+                    }
+                }
+                guard.clear_ready();
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}
