@@ -396,6 +396,63 @@ fn check_bench(args: &Args) -> Result<String> {
     ))
 }
 
+/// The cost of the change-event program to everyone else: 1,000,000 bpf() updates of an
+/// unrelated map, with and without `kvcheck dump datapath --follow` attached (alternating,
+/// median of `runs`).
+fn ebpf_overhead_bench(args: &Args) -> Result<String> {
+    use std::io::{BufRead as _, BufReader};
+    let bpffs = BpffsMount::new()?;
+    let _maps = CiliumMaps::create(&bpffs, Layout::V1_15)?;
+    let other = kvcheck_tests::maps::WriterMap::create(
+        &bpffs.globals(),
+        kvcheck_tests::maps::MapShape { name: "unrelated", map_type: kvcheck_tests::maps::BPF_MAP_TYPE_HASH, key_size: 4, value_size: 8, max_entries: 1024, flags: 0 },
+    )?;
+    const UPDATES: u32 = 1_000_000;
+    let updates = || -> Result<Duration> {
+        let t = Instant::now();
+        for i in 0..UPDATES {
+            other.update(&(i % 1024).to_ne_bytes(), &u64::from(i).to_ne_bytes())?;
+        }
+        Ok(t.elapsed())
+    };
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs.max(1) {
+        without.push(updates()?);
+        let mut follower = Command::new(kvcheck_bin())
+            .args(["dump", "datapath", "--bpffs", bpffs.root_str(), "--follow", "--output", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut attached = String::new();
+        if let Some(err) = follower.stderr.take() {
+            for line in BufReader::new(err).lines() {
+                let line = line?;
+                if line.contains("following changes via") {
+                    attached = line;
+                    break;
+                }
+            }
+        }
+        if !attached.contains("eBPF change events") {
+            let _ = follower.kill();
+            bail!("the eBPF program did not attach: {attached}");
+        }
+        with.push(updates()?);
+        let _ = follower.kill();
+        let _ = follower.wait();
+    }
+    let (a, b) = (median(without), median(with));
+    Ok(format!(
+        "1,000,000 `BPF_MAP_UPDATE_ELEM` calls on an unrelated hash map, median of {} alternating runs\n\n| what | wall ms | ns per update |\n|---|---:|---:|\n| without kvcheck's program | {:.0} | {:.0} |\n| with `kvcheck dump datapath --follow` attached | {:.0} | {:.0} |\n\nOverhead: {:+.1} %\n",
+        args.runs.max(1),
+        a.as_secs_f64() * 1000.0,
+        a.as_secs_f64() * 1e9 / f64::from(UPDATES),
+        b.as_secs_f64() * 1000.0,
+        b.as_secs_f64() * 1e9 / f64::from(UPDATES),
+        (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
+    ))
+}
+
 fn etcd_version() -> String {
     Command::new(kvcheck_tests::etcd::etcd_binary())
         .arg("--version")
@@ -421,6 +478,11 @@ fn main() -> Result<()> {
         let t = kvstore_bench(&args)?;
         print!("{t}\n");
         doc.push_str(&format!("## Kvstore read\n\n{t}\n"));
+    }
+    if args.only.as_deref().is_none_or(|o| o == "ebpf") {
+        let t = ebpf_overhead_bench(&args)?;
+        print!("{t}\n");
+        doc.push_str(&format!("## Change-event program overhead\n\n{t}\n"));
     }
     if args.only.as_deref().is_none_or(|o| o == "check") {
         let t = check_bench(&args)?;
