@@ -339,17 +339,7 @@ fn explain(kind: Option<kvcheck::check::kinds::FindingKind>) {
 async fn dump_kvstore(args: &DumpKvstore) -> anyhow::Result<()> {
     let settings = args.etcd.settings()?;
     let timeout = args.etcd.timeout();
-    let health = kvstore::health::cluster_health(&settings, timeout).await;
-    if health.connected == 0 {
-        let reasons: Vec<String> = health
-            .endpoints
-            .iter()
-            .map(|e| format!("{}: {}", e.endpoint, e.error.as_deref().unwrap_or("unreachable")))
-            .collect();
-        anyhow::bail!("{}: no etcd endpoint answered ({})", health.status_line(), reasons.join("; "));
-    }
-    // tonic's balanced channel keeps picking dead members; read from the ones that answered.
-    let etcd = kvstore::client::Etcd::connect_to(&settings, health.reachable_endpoints(), timeout).await?;
+    let (etcd, health) = kvstore::health::connect_healthy(&settings, timeout).await?;
     let list = args.etcd.list_options();
     let node_name = args.node.node_name.as_deref();
     // The view shows one node: keep its entries, count the rest.

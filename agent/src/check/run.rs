@@ -41,8 +41,6 @@ pub enum CheckError {
     Datapath(#[from] datapath::DatapathError),
     #[error(transparent)]
     Kvstore(#[from] crate::kvstore::client::KvstoreError),
-    #[error("{0}: no etcd endpoint answered ({1})")]
-    EtcdDown(String, String),
     #[error("reading Cilium's node_config.h under {path}: {source}")]
     NodeConfig {
         path: PathBuf,
@@ -144,16 +142,6 @@ pub async fn read_datapath(opts: &ReadOptions) -> Result<(DatapathSnapshot, Host
     Ok((snap, host))
 }
 
-pub async fn connect(opts: &CheckOptions) -> Result<(Etcd, ClusterHealth), CheckError> {
-    let health = health::cluster_health(&opts.etcd, opts.etcd_timeout).await;
-    if health.connected == 0 {
-        let reasons: Vec<String> = health.endpoints.iter().map(|e| format!("{}: {}", e.endpoint, e.error.as_deref().unwrap_or("unreachable"))).collect();
-        return Err(CheckError::EtcdDown(health.status_line(), reasons.join("; ")));
-    }
-    let etcd = Etcd::connect_to(&opts.etcd, health.reachable_endpoints(), opts.etcd_timeout).await?;
-    Ok((etcd, health))
-}
-
 pub fn node_config(opts: &CheckOptions) -> Result<DatapathConfig, CheckError> {
     let mut cfg = DatapathConfig::from_state_dir(&opts.state_dir).map_err(|source| CheckError::NodeConfig { path: opts.state_dir.clone(), source })?;
     cfg.apply(&opts.config_overrides);
@@ -197,7 +185,7 @@ pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSe
 pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let started = std::time::Instant::now();
     let cfg = node_config(opts)?;
-    let (etcd, health) = connect(opts).await?;
+    let (etcd, health) = health::connect_healthy(&opts.etcd, opts.etcd_timeout).await?;
     let kvstore = reader::read_snapshot(&etcd, &opts.list).await?;
     let kvstore_read_at = chrono::Utc::now();
     let (dp, host) = read_datapath(&opts.datapath).await?;

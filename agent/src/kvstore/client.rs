@@ -28,6 +28,8 @@ pub enum KvstoreError {
         operation: String,
         message: String,
     },
+    #[error("{status}: no etcd endpoint answered ({reasons})")]
+    NoneAnswered { status: String, reasons: String },
     #[error("etcd at {endpoints}: {operation}: no answer within {timeout:?}")]
     Timeout {
         endpoints: String,

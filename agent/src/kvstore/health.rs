@@ -119,6 +119,22 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
     }
 }
 
+/// Probes every endpoint, then connects to those that answered (leader first): tonic's
+/// balanced channel would keep picking dead members. Fails when none answers.
+pub async fn connect_healthy(settings: &EtcdSettings, timeout: Duration) -> Result<(Etcd, ClusterHealth), KvstoreError> {
+    let health = cluster_health(settings, timeout).await;
+    if health.connected == 0 {
+        let reasons: Vec<String> = health
+            .endpoints
+            .iter()
+            .map(|e| format!("{}: {}", e.endpoint, e.error.as_deref().unwrap_or("unreachable")))
+            .collect();
+        return Err(KvstoreError::NoneAnswered { status: health.status_line(), reasons: reasons.join("; ") });
+    }
+    let etcd = Etcd::connect_to(settings, health.reachable_endpoints(), timeout).await?;
+    Ok((etcd, health))
+}
+
 /// Seconds left on a lease (`None` when it has expired or cannot be read).
 pub async fn lease_ttl(etcd: &Etcd, lease: i64) -> Option<i64> {
     if lease == 0 {

@@ -209,17 +209,13 @@ impl KvstoreWatcher {
     async fn open(&mut self) -> Result<(), KvstoreError> {
         if self.streams_opened > 0 {
             // Reconnect to whichever members answer now (the old channel may point at a dead one).
-            let h = health::cluster_health(&self.settings, self.etcd.timeout).await;
-            let reachable = h.reachable_endpoints();
-            if reachable.is_empty() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return Err(KvstoreError::Etcd {
-                    endpoints: self.settings.endpoints.join(","),
-                    operation: "reconnect".into(),
-                    message: h.status_line(),
-                });
+            match health::connect_healthy(&self.settings, self.etcd.timeout).await {
+                Ok((etcd, _)) => self.etcd = etcd,
+                Err(e) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Err(e);
+                }
             }
-            self.etcd = Etcd::connect_to(&self.settings, reachable, self.etcd.timeout).await?;
         }
         let opts = WatchOptions::new().with_prefix().with_start_revision(self.mirror.revision + 1);
         let mut client = self.etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
