@@ -3,6 +3,7 @@
 //! Sources are read-only: `datapath` (pinned BPF maps, rtnetlink) and, later, the kvstore.
 //! `model` holds the Cilium vocabulary both sides share; `report` renders for people.
 
+pub mod agent;
 pub mod check;
 pub mod datapath;
 pub mod kvstore;

@@ -145,6 +145,11 @@ impl KvstoreWatcher {
         &self.mirror
     }
 
+    /// The client in use (reconnected to the members that answer after a lost stream).
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
     /// Waits for the next changes. On a stream error it returns the error; the next call
     /// reconnects (to the members that answer) and resumes from the last revision seen.
     pub async fn next(&mut self) -> Result<WatchBatch, KvstoreError> {

@@ -1,0 +1,115 @@
+//! Prometheus metrics (`kvcheck_` prefix) and the HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+pub struct Metrics {
+    pub registry: Mutex<Registry>,
+    pub findings: Family<KindLabel, Gauge>,
+    pub check_duration: Histogram,
+    pub etcd_connected: Gauge,
+    pub etcd_endpoints: Gauge,
+    pub map_fill_ratio: Family<MapLabel, Gauge<f64, AtomicU64>>,
+    pub change_events: Family<SourceLabel, Counter>,
+    pub last_check: Gauge<f64, AtomicU64>,
+    pub ready: AtomicBool,
+    pub failed: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("kvcheck");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            findings: Family::default(),
+            check_duration: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+            etcd_connected: Gauge::default(),
+            etcd_endpoints: Gauge::default(),
+            map_fill_ratio: Family::default(),
+            change_events: Family::default(),
+            last_check: Gauge::default(),
+            ready: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+        };
+        registry.register("findings", "Open findings by kind", m.findings.clone());
+        registry.register("check_duration_seconds", "Duration of a full check", m.check_duration.clone());
+        registry.register("etcd_endpoints_connected", "etcd endpoints that answered the last probe", m.etcd_connected.clone());
+        registry.register("etcd_endpoints", "Configured etcd endpoints", m.etcd_endpoints.clone());
+        registry.register("map_fill_ratio", "Entries / max entries per datapath map", m.map_fill_ratio.clone());
+        registry.register("change_events", "Datapath and kvstore changes processed", m.change_events.clone());
+        registry.register("last_successful_check_timestamp_seconds", "Unix time of the last successful check", m.last_check.clone());
+        *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
+        Arc::new(m)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn set_failed(&self, failed: bool) {
+        self.failed.store(failed, Ordering::Relaxed);
+    }
+}
+
+/// Serves the endpoints until the returned task is aborted.
+pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m1 = metrics.clone();
+    let m2 = metrics;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m1.clone();
+                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = m2.clone();
+                async move {
+                    if m.ready.load(Ordering::Relaxed) && !m.failed.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
