@@ -161,8 +161,21 @@ impl EtcdCluster {
         Self::start(3, true, &etcd_binary())
     }
 
-    /// Starts `n` members of `binary` (Debian's `etcd` 3.4, or another etcd build).
+    /// Starts `n` members of `binary` (Debian's `etcd` 3.4, or another etcd build). Ports are
+    /// picked free but may be taken by a parallel test before etcd binds them: a cluster that
+    /// does not come up is retried on new ports.
     pub fn start(n: usize, tls: bool, binary: &str) -> Result<EtcdCluster> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(n, tls, binary) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    fn start_once(n: usize, tls: bool, binary: &str) -> Result<EtcdCluster> {
         let tls = if tls { Some(Tls::generate()?) } else { None };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut plan = Vec::new();
@@ -185,7 +198,7 @@ impl EtcdCluster {
                 .args(["--initial-cluster-state", "new"])
                 .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics}")])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null());
+                .stderr(std::fs::File::create(data_dir.with_extension("log"))?);
             if let Some(t) = &tls {
                 cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
                 cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
@@ -197,7 +210,15 @@ impl EtcdCluster {
             members.push(Member { name, command, client_url, metrics_port: metrics, data_dir, child: Some(child) });
         }
         let cluster = EtcdCluster { members, tls, binary: binary.to_owned() };
-        cluster.wait_ready(Duration::from_secs(20))?;
+        if let Err(e) = cluster.wait_ready(Duration::from_secs(10)) {
+            let logs: Vec<String> = cluster
+                .members
+                .iter()
+                .map(|m| std::fs::read_to_string(m.data_dir.with_extension("log")).unwrap_or_default())
+                .map(|l| l.lines().rev().take(3).collect::<Vec<_>>().join(" | "))
+                .collect();
+            return Err(e.context(format!("etcd logs: {}", logs.join(" || "))));
+        }
         Ok(cluster)
     }
 
@@ -286,6 +307,7 @@ impl Drop for EtcdCluster {
         for m in &mut self.members {
             m.stop();
             let _ = std::fs::remove_dir_all(&m.data_dir);
+            let _ = std::fs::remove_file(m.data_dir.with_extension("log"));
         }
     }
 }
