@@ -21,6 +21,7 @@ struct Args {
     write: Option<String>,
     shape: ClusterShape,
     only: Option<String>,
+    idle_seconds: u64,
 }
 
 fn parse_args() -> Result<Args> {
@@ -30,6 +31,7 @@ fn parse_args() -> Result<Args> {
         write: None,
         shape: ClusterShape { nodes: 5_000, ips: 100_000, identities: 10_000 },
         only: None,
+        idle_seconds: 60,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,6 +44,7 @@ fn parse_args() -> Result<Args> {
             "--ips" => a.shape.ips = value()?.parse()?,
             "--identities" => a.shape.identities = value()?.parse()?,
             "--only" => a.only = Some(value()?),
+            "--idle-seconds" => a.idle_seconds = value()?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -389,10 +392,65 @@ fn check_bench(args: &Args) -> Result<String> {
         bail!("the bench node does not check clean: {} {}; {}", doc["counts"]["by_kind"], sample.join("; "), String::from_utf8_lossy(&first.stderr));
     }
     let (took, rss) = measure(args.runs, make)?;
+
+    // The agent on the same node, idle (no changes) for `idle_seconds`: CPU and memory.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut agent = Command::new(&bin)
+        .args(["agent", "--bpffs", &root, "--etcd-endpoints", &endpoints, "--node-name", "node-0", "--netns", &netns])
+        .args(["--cilium-state-dir", &state_arg, "--cilium-version", "1.17", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let ready_deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut s| {
+            use std::io::{Read as _, Write as _};
+            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+            let mut r = String::new();
+            s.read_to_string(&mut r).ok()?;
+            Some(r.contains(" 200 "))
+        });
+        if ok == Some(true) {
+            break true;
+        }
+        if Instant::now() > ready_deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let proc_stat = |pid: u32| -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    let status_kib = |pid: u32, field: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let idle = Duration::from_secs(args.idle_seconds);
+    let ticks = 100.0; // USER_HZ
+    let (cpu_pct, rss_now, hwm) = if ready {
+        let t0 = proc_stat(agent.id()).unwrap_or(0);
+        std::thread::sleep(idle);
+        let t1 = proc_stat(agent.id()).unwrap_or(0);
+        (
+            (t1 - t0) as f64 / ticks / idle.as_secs_f64() * 100.0,
+            status_kib(agent.id(), "VmRSS:").unwrap_or(0),
+            status_kib(agent.id(), "VmHWM:").unwrap_or(0),
+        )
+    } else {
+        (f64::NAN, 0, 0)
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    if !ready {
+        bail!("the agent did not become ready on the bench node");
+    }
     let _ = std::fs::remove_dir_all(&state);
     Ok(format!(
-        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {total_ipcache} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n",
-        shape.nodes, shape.ips, shape.identities, k, local_pods.len(), shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0
+        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {total_ipcache} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n\n`kvcheck agent` on the same node, idle for {} s after it became ready: {:.2} % of a core, RSS {:.1} MiB (peak {:.1} MiB)\n",
+        shape.nodes, shape.ips, shape.identities, k, local_pods.len(), shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0,
+        idle.as_secs(), cpu_pct, rss_now as f64 / 1024.0, hwm as f64 / 1024.0
     ))
 }
 
