@@ -1,7 +1,7 @@
 //! The diff engine (pure): expected state vs what the node shows → typed findings, each with
 //! both sides' evidence.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -108,11 +108,12 @@ pub struct Observed<'a> {
 
 pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
-    ipcache(exp, obs, &mut out);
-    endpoints(exp, ctx, obs, &mut out);
+    let kv = KvIndex::new(obs.kvstore);
+    ipcache(exp, obs, &kv, &mut out);
+    endpoints(exp, ctx, obs, &kv, &mut out);
     identities(exp, obs, &mut out);
     node(exp, ctx, obs, &mut out);
-    tunnel(exp, obs, &mut out);
+    tunnel(exp, obs, &kv, &mut out);
     kvstore_health(obs, &mut out);
     map_pressure(obs, &mut out);
     // One finding per (kind, subject).
@@ -122,7 +123,7 @@ pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<F
     out
 }
 
-fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
     // One pass over the (possibly 500k) observed entries; only the expected prefixes that were
     // seen are remembered. Entries of other ClusterMesh clusters (cluster id ≠ 0) need their
     // cluster's kvstore and are not checked here.
@@ -157,7 +158,7 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
                 )
                 .datapath(o)
                 .expected(e)
-                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .kvstore(kv.evidence(keys.as_deref()))
                 .keys(keys.clone()),
             );
         }
@@ -171,7 +172,7 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
                 )
                 .datapath(o)
                 .expected(e)
-                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .kvstore(kv.evidence(keys.as_deref()))
                 .keys(keys.clone()),
             );
         }
@@ -180,7 +181,7 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
                 Finding::new(FindingKind::IpcacheEncryptKeyMismatch, &subject, format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule))
                     .datapath(o)
                     .expected(e)
-                    .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                    .kvstore(kv.evidence(keys.as_deref()))
                     .keys(keys.clone()),
             );
         }
@@ -191,25 +192,50 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
         out.push(
             Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
                 .expected(e)
-                .kvstore(kv_evidence(obs.kvstore, keys.as_deref()))
+                .kvstore(kv.evidence(keys.as_deref()))
                 .keys(keys),
         );
     }
 }
 
-/// Kvstore evidence for a key: the decoded value (node, ip or identity) with its revisions.
-fn kv_evidence(kv: &KvstoreSnapshot, key: Option<&str>) -> Value {
-    let Some(key) = key else { return Value::Null };
-    let value = kv
-        .nodes
-        .iter()
-        .find(|n| n.meta.key == key)
-        .and_then(|n| serde_json::to_value(n).ok())
-        .or_else(|| kv.ips.iter().find(|e| e.meta.key == key).and_then(|e| serde_json::to_value(e).ok()));
-    json!({"key": key, "value": value, "revision": kv.revision})
+/// Kvstore values by key, built on first use: evidence lookups must not scan the (possibly
+/// 100k-entry) snapshot once per finding.
+struct KvIndex<'a> {
+    kv: &'a KvstoreSnapshot,
+    by_key: std::cell::OnceCell<HashMap<&'a str, KvValue<'a>>>,
 }
 
-fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+#[derive(Clone, Copy)]
+enum KvValue<'a> {
+    Node(&'a crate::kvstore::values::NodeEntry),
+    Ip(&'a crate::kvstore::values::IpEntry),
+}
+
+impl<'a> KvIndex<'a> {
+    fn new(kv: &'a KvstoreSnapshot) -> Self {
+        KvIndex { kv, by_key: std::cell::OnceCell::new() }
+    }
+
+    /// The decoded node or ip/v1 value stored under `key`.
+    fn value(&self, key: &str) -> Option<Value> {
+        let index = self.by_key.get_or_init(|| {
+            let nodes = self.kv.nodes.iter().map(|n| (n.meta.key.as_str(), KvValue::Node(n)));
+            nodes.chain(self.kv.ips.iter().map(|e| (e.meta.key.as_str(), KvValue::Ip(e)))).collect()
+        });
+        match index.get(key)? {
+            KvValue::Node(n) => serde_json::to_value(n).ok(),
+            KvValue::Ip(e) => serde_json::to_value(e).ok(),
+        }
+    }
+
+    /// Kvstore evidence for a key: the decoded value with the snapshot's revision.
+    fn evidence(&self, key: Option<&str>) -> Value {
+        let Some(key) = key else { return Value::Null };
+        json!({"key": key, "value": self.value(key), "revision": self.kv.revision})
+    }
+}
+
+fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
     let local: Vec<_> = obs.datapath.endpoints.entries.iter().filter(|e| !e.is_host).collect();
     let local_ips: BTreeSet<IpAddr> = local.iter().map(|e| e.ip).collect();
     let node = exp.node.as_ref();
@@ -227,7 +253,7 @@ fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, out: &m
             None => out.push(
                 Finding::new(FindingKind::EndpointNotInKvstore, &subject, format!("local endpoint {} ({subject}) has no {key} entry hosted by this node", ep.endpoint_id))
                     .datapath(ep)
-                    .kvstore(json!({"key": key, "value": obs.kvstore.ips.iter().find(|e| e.meta.key == key), "revision": obs.kvstore.revision}))
+                    .kvstore(kv.evidence(Some(&key)))
                     .keys([key]),
             ),
             Some(kv) => {
@@ -394,7 +420,7 @@ pub fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
-fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
     let (Some(expected), Some(dump)) = (&exp.tunnel, &obs.datapath.tunnel) else { return };
     let observed: BTreeMap<IpAddr, _> = dump.entries.iter().filter(|e| e.cluster_id == 0).map(|e| (e.prefix, e)).collect();
     for (prefix, t) in expected {
@@ -403,14 +429,14 @@ fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
             None => out.push(
                 Finding::new(FindingKind::TunnelMissing, &subject, format!("pod CIDR {subject} of {} has no tunnel map entry (expected endpoint {})", t.node_key, t.endpoint))
                     .expected(t)
-                    .kvstore(kv_evidence(obs.kvstore, Some(&t.node_key)))
+                    .kvstore(kv.evidence(Some(&t.node_key)))
                     .keys([t.node_key.clone()]),
             ),
             Some(o) if o.tunnel_endpoint != t.endpoint => out.push(
                 Finding::new(FindingKind::TunnelMismatch, &subject, format!("pod CIDR {subject} tunnels to {}, but {} says its node IP is {}", o.tunnel_endpoint, t.node_key, t.endpoint))
                     .datapath(o)
                     .expected(t)
-                    .kvstore(kv_evidence(obs.kvstore, Some(&t.node_key)))
+                    .kvstore(kv.evidence(Some(&t.node_key)))
                     .keys([t.node_key.clone()]),
             ),
             Some(_) => {}
