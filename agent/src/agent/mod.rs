@@ -53,6 +53,8 @@ struct Live {
     watcher: KvstoreWatcher,
     feed: ChangeFeed,
     reading: Reading,
+    /// The agent's datapath configuration (node_config.h + options), re-read on resync.
+    config: crate::check::config::DatapathConfig,
 }
 
 struct State {
@@ -152,13 +154,13 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     let feed = ChangeFeed::open(&opts.check.datapath, datapath.layout.layout, &opts.follow)?;
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
-    Ok(Live { watcher, feed, reading })
+    let config = run::node_config(&opts.check)?;
+    Ok(Live { watcher, feed, reading, config })
 }
 
-fn evaluate(state: &mut State, live: &Live) -> anyhow::Result<()> {
+fn evaluate(state: &mut State, live: &Live) {
     let started = Instant::now();
-    let cfg = run::node_config(&state.opts.check)?;
-    let ctx = run::context(&state.opts.check, cfg, &live.reading);
+    let ctx = run::context(&state.opts.check, live.config.clone(), &live.reading);
     let (findings, _) = run::evaluate(&ctx, &live.reading);
     let dp = &live.reading.datapath;
     for (name, ratio) in [(&dp.ipcache.meta.name, dp.ipcache.fill_ratio), (&dp.endpoints.meta.name, dp.endpoints.fill_ratio)] {
@@ -172,7 +174,6 @@ fn evaluate(state: &mut State, live: &Live) -> anyhow::Result<()> {
     unsafe {
         libc::malloc_trim(0);
     }
-    Ok(())
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -195,11 +196,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 Ok(l) => {
                     state.health = Some(l.reading.health.clone());
                     state.last_error = None;
-                    if let Err(e) = evaluate(&mut state, &l) {
-                        state.last_error = Some(format!("{e:#}"));
-                    } else {
-                        metrics.set_ready(true);
-                    }
+                    evaluate(&mut state, &l);
+                    metrics.set_ready(true);
                     if let Some(r) = &l.feed.fallback_reason {
                         tracing::warn!(event = "change-events-fallback", reason = %r, "BPF change events unavailable; polling the maps");
                     }
@@ -296,14 +294,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 if resync_due {
                     // A fresh list as well: the watch is the fast path, the resync the safety net.
                     next_resync = now + jitter(opts.resync);
-                    match crate::kvstore::watch::KvstoreMirror::list(&l.watcher_etcd(), &opts.check.list).await {
-                        Ok(m) => l.reading.kvstore = m.snapshot(),
+                    match crate::kvstore::reader::read_snapshot(l.watcher.etcd(), &opts.check.list).await {
+                        Ok(snap) => l.reading.kvstore = snap,
                         Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
                     }
+                    match run::node_config(&opts.check) {
+                        Ok(c) => l.config = c,
+                        Err(e) => tracing::warn!(event = "resync-error", error = %e, "re-reading node_config.h failed"),
+                    }
                 }
-                if let Err(e) = evaluate(&mut state, l) {
-                    state.last_error = Some(format!("{e:#}"));
-                }
+                evaluate(&mut state, l);
             }
         }
         for t in state.tracker.promote(Instant::now(), opts.grace) {
@@ -330,8 +330,3 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Live {
-    fn watcher_etcd(&self) -> crate::kvstore::client::Etcd {
-        self.watcher.etcd().clone()
-    }
-}
