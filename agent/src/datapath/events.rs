@@ -98,21 +98,12 @@ struct Watched {
 
 impl Watched {
     fn decode(&self, layout: Layout, key: &[u8], value: &[u8]) -> (String, Option<Value>) {
-        let (subject, v) = match self.kind {
-            MapKind::Ipcache => match ipcache::decode(layout, key, value) {
-                Ok(e) => (e.prefix.to_string(), serde_json::to_value(e).ok()),
-                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
-            },
-            MapKind::Endpoints => match endpoints::decode(layout, key, value) {
-                Ok(e) => (e.ip.to_string(), serde_json::to_value(e).ok()),
-                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
-            },
-            MapKind::Tunnel => match tunnel::decode(layout, key, value) {
-                Ok(e) => (e.prefix.to_string(), serde_json::to_value(e).ok()),
-                Err(e) => (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))),
-            },
+        let decoded = match self.kind {
+            MapKind::Ipcache => ipcache::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(e).ok())),
+            MapKind::Endpoints => endpoints::decode(layout, key, value).map(|e| (e.ip.to_string(), serde_json::to_value(e).ok())),
+            MapKind::Tunnel => tunnel::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(e).ok())),
         };
-        (subject, v)
+        decoded.unwrap_or_else(|e| (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))))
     }
 
     /// Compares the map's current value for `key` with the mirror and updates it.
