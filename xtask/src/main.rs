@@ -47,6 +47,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
+    // protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import;
+    // not a dependency of protobuf-compiler on a fresh Debian.
+    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
     ("iproute2", "ip"),
     ("openssl", "openssl"),
     // GNU time: the benchmarks' peak-RSS figures.
@@ -95,7 +98,11 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// A command on PATH, or (an absolute path) a file the package installs.
 fn have_command(name: &str) -> bool {
+    if name.starts_with('/') {
+        return Path::new(name).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {name} >/dev/null 2>&1")])
         .status()

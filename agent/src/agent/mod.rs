@@ -1,5 +1,6 @@
 //! `kvcheck agent`: the DaemonSet mode. Lists and watches the kvstore, follows the datapath
-//! (BPF change events or polling), re-checks when either side changes (debounced) and on a
+//! (BPF change events or polling), applies each change to its copy of both sides and re-checks
+//! the subjects the changes touched (debounced; see `check::live`), re-reads everything on a
 //! jittered periodic resync, opens a finding once it persisted for the grace period and
 //! resolves it when it disappears, logs node-health lines, and serves metrics and probes.
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::check::kinds::FindingKind;
+use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
 use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::kvstore::health::{self, ClusterHealth};
@@ -52,9 +54,8 @@ impl Status {
 struct Live {
     watcher: KvstoreWatcher,
     feed: ChangeFeed,
-    reading: Reading,
-    /// The agent's datapath configuration (node_config.h + options), re-read on resync.
-    config: crate::check::config::DatapathConfig,
+    /// Both sides as last seen, kept current by the changes; node_config.h re-read on resync.
+    check: LiveCheck,
 }
 
 struct State {
@@ -63,8 +64,11 @@ struct State {
     tracker: Tracker,
     health: Option<ClusterHealth>,
     status: Status,
+    /// The last full check: when and how long it took.
     last_check: Option<(chrono::DateTime<chrono::Utc>, Duration)>,
     last_error: Option<String>,
+    /// The polling fallback is logged once per process, not at every re-open.
+    fallback_logged: bool,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -100,7 +104,7 @@ impl State {
         }
         let etcd = self.health.as_ref().map_or_else(|| "etcd: not probed yet".to_owned(), ClusterHealth::status_line);
         let (maps, layout) = live.map_or((String::new(), String::new()), |l| {
-            let dp = &l.reading.datapath;
+            let dp = &l.check.reading().datapath;
             let mut m = vec![format!("{}={:.3}", dp.ipcache.meta.name, dp.ipcache.fill_ratio), format!("{}={:.3}", dp.endpoints.meta.name, dp.endpoints.fill_ratio)];
             if let Some(t) = &dp.tunnel {
                 m.push(format!("{}={:.3}", t.meta.name, t.fill_ratio));
@@ -124,8 +128,8 @@ impl State {
         }
     }
 
-    fn record_findings(&mut self, findings: Vec<crate::check::diff::Finding>, started: Instant) {
-        for t in self.tracker.observe(findings, Instant::now(), self.opts.grace) {
+    fn record_findings(&mut self, findings: Vec<crate::check::diff::Finding>, scope: &Scope, started: Instant) {
+        for t in self.tracker.observe_where(findings, |id| scope.covers(id), Instant::now(), self.opts.grace) {
             self.log_transition(&t);
         }
         self.publish_findings();
@@ -133,7 +137,9 @@ impl State {
         self.metrics.check_duration.observe(took.as_secs_f64());
         let now = chrono::Utc::now();
         self.metrics.last_check.set(now.timestamp_millis() as f64 / 1000.0);
-        self.last_check = Some((now, took));
+        if *scope == Scope::Full {
+            self.last_check = Some((now, took));
+        }
     }
 
     fn publish_findings(&self) {
@@ -155,26 +161,31 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let config = run::node_config(&opts.check)?;
-    Ok(Live { watcher, feed, reading, config })
+    Ok(Live { watcher, feed, check: LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading) })
 }
 
-fn evaluate(state: &mut State, live: &Live) {
+/// Re-checks what changed (everything after a start or resync) and records the result.
+fn evaluate(state: &mut State, live: &mut Live) {
     let started = Instant::now();
-    let ctx = run::context(&state.opts.check, live.config.clone(), &live.reading);
-    let (findings, _) = run::evaluate(&ctx, &live.reading);
-    let dp = &live.reading.datapath;
+    let Recheck { findings, scope } = live.check.recheck();
+    let dp = &live.check.reading().datapath;
     for (name, ratio) in [(&dp.ipcache.meta.name, dp.ipcache.fill_ratio), (&dp.endpoints.meta.name, dp.endpoints.fill_ratio)] {
         state.metrics.map_fill_ratio.get_or_create(&MapLabel { map: name.clone() }).set(ratio);
     }
-    state.record_findings(findings, started);
-    // A check allocates and frees a lot (decoded snapshots, findings): give the freed pages back
-    // so an idle agent's RSS is what it holds, not its peak.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
+    state.record_findings(findings, &scope, started);
+    if scope == Scope::Full {
+        // A full check allocates and frees a lot (decoded snapshots, findings): give the freed
+        // pages back so an idle agent's RSS is what it holds, not its peak.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
+
+/// How often the pins are checked for maps Cilium re-created (a restart or upgrade).
+const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -182,25 +193,37 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let server = metrics::serve(opts.listen, metrics.clone()).await?;
     tracing::info!(event = "agent-start", listen = %opts.listen, node = %opts.check.node_name, grace = ?opts.grace, resync = ?opts.resync, "kvcheck agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut state = State { opts: opts.clone(), metrics: metrics.clone(), tracker: Tracker::default(), health: None, status: Status::Ok, last_check: None, last_error: None };
+    let mut state = State {
+        opts: opts.clone(),
+        metrics: metrics.clone(),
+        tracker: Tracker::default(),
+        health: None,
+        status: Status::Ok,
+        last_check: None,
+        last_error: None,
+        fallback_logged: false,
+    };
     let mut live: Option<Live> = None;
     let mut dirty_since: Option<Instant> = None;
     let mut next_resync = Instant::now() + jitter(opts.resync);
     let mut next_health = Instant::now();
+    let mut next_pin_check = Instant::now() + PIN_CHECK_INTERVAL;
     let mut retry_at = Instant::now();
     metrics.etcd_endpoints.set(opts.check.etcd.endpoints.len() as i64);
     loop {
         // (Re)build the live sources when missing: etcd down at start, Cilium restarting...
         if live.is_none() && Instant::now() >= retry_at {
             match start_live(&opts).await {
-                Ok(l) => {
-                    state.health = Some(l.reading.health.clone());
+                Ok(mut l) => {
+                    state.health = Some(l.check.reading().health.clone());
                     state.last_error = None;
-                    evaluate(&mut state, &l);
+                    evaluate(&mut state, &mut l);
                     metrics.set_ready(true);
-                    if let Some(r) = &l.feed.fallback_reason {
-                        tracing::warn!(event = "change-events-fallback", reason = %r, "BPF change events unavailable; polling the maps");
+                    if let Some(r) = l.feed.fallback_reason.as_ref().filter(|_| !state.fallback_logged) {
+                        tracing::warn!(event = "change-events-fallback", reason = %r, interval = ?opts.follow.poll_interval, "BPF change events unavailable; polling the maps");
+                        state.fallback_logged = true;
                     }
+                    next_resync = Instant::now() + jitter(opts.resync);
                     live = Some(l);
                 }
                 Err(e) => {
@@ -211,7 +234,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             state.set_status(live.as_ref());
         }
         let now = Instant::now();
-        let mut wake = [next_resync, next_health, retry_at.max(now + Duration::from_millis(100))].into_iter().min().unwrap_or(now);
+        let mut wake = [next_resync, next_health, next_pin_check, retry_at.max(now + Duration::from_millis(100))].into_iter().min().unwrap_or(now);
         if let Some(d) = dirty_since {
             wake = wake.min(d + opts.debounce);
         }
@@ -220,7 +243,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(now)));
         tokio::pin!(sleep);
-        let mut lost_live = false;
+        let mut lost_live = None;
         if let Some(l) = live.as_mut() {
             tokio::select! {
                 _ = term.recv() => break,
@@ -231,8 +254,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         if b.relisted {
                             tracing::info!(event = "kvstore-relist", revision = b.revision, changes = b.changes.len(), "watch revision compacted: relisted");
                         }
-                        l.reading.kvstore = l.watcher.mirror().snapshot();
-                        l.reading.kvstore_read_at = chrono::Utc::now();
+                        l.check.apply_kvstore(&b.changes, b.revision);
                         dirty_since.get_or_insert(Instant::now());
                     }
                     Err(e) => {
@@ -248,14 +270,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 changes = l.feed.next() => match changes {
                     Ok(c) => {
                         metrics.change_events.get_or_create(&SourceLabel { source: l.feed.source_name().into() }).inc_by(c.len() as u64);
+                        l.check.apply_datapath(&c);
                         dirty_since.get_or_insert(Instant::now());
                     }
-                    Err(e) => {
-                        // Cilium re-creating its maps: start over with fresh handles.
-                        tracing::warn!(event = "datapath-error", error = %e, "datapath read failed; re-opening the maps");
-                        state.last_error = Some(e.to_string());
-                        lost_live = true;
-                    }
+                    Err(e) => lost_live = Some(e.to_string()),
                 },
                 () = &mut sleep => {}
             }
@@ -266,42 +284,35 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 () = &mut sleep => {}
             }
         }
-        if lost_live {
+        let now = Instant::now();
+        if let Some(l) = live.as_ref().filter(|_| now >= next_pin_check) {
+            next_pin_check = now + PIN_CHECK_INTERVAL;
+            lost_live = lost_live.or_else(|| l.feed.replaced_map());
+        }
+        if let Some(why) = lost_live {
+            // Cilium re-creating its maps: start over with fresh handles.
+            tracing::warn!(event = "datapath-reopen", reason = %why, "datapath maps changed under kvcheck; re-opening them");
+            state.last_error = Some(why);
             live = None;
             retry_at = Instant::now();
+            state.set_status(None);
             continue;
         }
-        let now = Instant::now();
         if let Some(l) = live.as_mut() {
             let resync_due = now >= next_resync;
-            if resync_due || dirty_since.is_some_and(|d| now >= d + opts.debounce) {
+            let recheck_due = dirty_since.is_some_and(|d| now >= d + opts.debounce);
+            if resync_due || recheck_due || l.check.needs_reread() {
                 dirty_since = None;
-                match run::read_datapath(&opts.check.datapath).await {
-                    Ok((dp, host)) => {
-                        l.reading.datapath = dp;
-                        l.reading.host = host;
-                        l.reading.datapath_read_at = chrono::Utc::now();
-                        state.last_error = None;
-                    }
-                    Err(e) => {
-                        state.last_error = Some(e.to_string());
-                        live = None;
-                        retry_at = now;
-                        state.set_status(None);
-                        continue;
-                    }
+                if let Err(e) = refresh(&opts, l, resync_due).await {
+                    state.last_error = Some(e.to_string());
+                    live = None;
+                    retry_at = now;
+                    state.set_status(None);
+                    continue;
                 }
+                state.last_error = None;
                 if resync_due {
-                    // A fresh list as well: the watch is the fast path, the resync the safety net.
                     next_resync = now + jitter(opts.resync);
-                    match crate::kvstore::reader::read_snapshot(l.watcher.etcd(), &opts.check.list).await {
-                        Ok(snap) => l.reading.kvstore = snap,
-                        Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
-                    }
-                    match run::node_config(&opts.check) {
-                        Ok(c) => l.config = c,
-                        Err(e) => tracing::warn!(event = "resync-error", error = %e, "re-reading node_config.h failed"),
-                    }
                 }
                 evaluate(&mut state, l);
             }
@@ -315,7 +326,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let h = health::cluster_health(&opts.check.etcd, opts.check.etcd_timeout).await;
             metrics.etcd_connected.set(h.connected as i64);
             if let Some(l) = live.as_mut() {
-                l.reading.health = h.clone();
+                l.check.set_health(h.clone());
+                // Time-dependent findings (heartbeat age) and the node-scale sections.
+                if refresh(&opts, l, false).await.is_ok() {
+                    evaluate(&mut state, l);
+                }
             }
             state.health = Some(h);
             state.status = state.compute_status();
@@ -330,3 +345,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Brings the live check up to date before a re-check: the interface addresses (one netlink
+/// dump), the maps when a change could not be applied, and on a resync everything (the maps,
+/// a fresh kvstore list, node_config.h): the watch and change events are the fast path, the
+/// resync the safety net.
+async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool) -> Result<(), crate::check::run::CheckError> {
+    if resync || l.check.needs_reread() {
+        let (dp, host) = run::read_datapath(&opts.check.datapath).await?;
+        l.check.replace_datapath(dp, host);
+    } else {
+        l.check.set_host(crate::datapath::addresses::read_host_addresses(opts.check.datapath.netns.as_deref()).await?);
+    }
+    if resync {
+        match crate::kvstore::reader::read_snapshot(l.watcher.etcd(), &opts.check.list).await {
+            Ok(snap) => l.check.replace_kvstore(snap),
+            Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
+        }
+        match run::node_config(&opts.check) {
+            Ok(c) => l.check.set_config(c),
+            Err(e) => tracing::warn!(event = "resync-error", error = %e, "re-reading node_config.h failed"),
+        }
+    }
+    Ok(())
+}

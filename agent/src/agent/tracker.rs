@@ -23,24 +23,28 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Takes the findings of a check made at `now`; returns what opened and resolved.
+    /// Takes the findings of a full check made at `now`; returns what opened and resolved.
     pub fn observe(&mut self, findings: Vec<Finding>, now: Instant, grace: Duration) -> Vec<Transition> {
+        self.observe_where(findings, |_| true, now, grace)
+    }
+
+    /// Takes the findings of a check that looked only at what `covered` says: a known finding
+    /// it did not report resolves only when it was covered.
+    pub fn observe_where(&mut self, findings: Vec<Finding>, covered: impl Fn(&Id) -> bool, now: Instant, grace: Duration) -> Vec<Transition> {
         let mut current: BTreeMap<Id, Finding> = findings.into_iter().map(|f| (f.id(), f)).collect();
         let mut out = Vec::new();
-        let open_ids: Vec<Id> = self.open.keys().cloned().collect();
-        for id in open_ids {
-            match current.remove(&id) {
-                Some(f) => {
-                    self.open.insert(id, f);
-                }
-                None => {
-                    if let Some(f) = self.open.remove(&id) {
-                        out.push(Transition::Resolved(f));
-                    }
-                }
+        let gone: Vec<Id> = self.open.keys().filter(|id| !current.contains_key(*id) && covered(id)).cloned().collect();
+        for id in gone {
+            if let Some(f) = self.open.remove(&id) {
+                out.push(Transition::Resolved(f));
             }
         }
-        self.pending.retain(|id, _| current.contains_key(id));
+        for (id, f) in self.open.iter_mut() {
+            if let Some(newer) = current.remove(id) {
+                *f = newer;
+            }
+        }
+        self.pending.retain(|id, _| current.contains_key(id) || !covered(id));
         for (id, f) in current {
             let first = self.pending.get(&id).map_or(now, |(t, _)| *t);
             self.pending.insert(id, (first, f));

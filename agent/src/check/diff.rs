@@ -8,9 +8,10 @@ use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::expected::{ExpectedState, NodeContext};
+use super::expected::{Expectation, ExpectedState, NodeContext};
 use super::kinds::{FindingKind, Severity};
 use crate::datapath::addresses::HostAddresses;
+use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::reader::KvstoreSnapshot;
 use crate::kvstore::values::{self, IP_PREFIX};
@@ -107,16 +108,57 @@ pub struct Observed<'a> {
 }
 
 pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<Finding> {
-    let mut out = Vec::new();
     let kv = KvIndex::new(obs.kvstore);
+    let mut out = Vec::new();
     ipcache(exp, obs, &kv, &mut out);
-    endpoints(exp, ctx, obs, &kv, &mut out);
-    identities(exp, obs, &mut out);
-    node(exp, ctx, obs, &mut out);
-    tunnel(exp, obs, &kv, &mut out);
-    kvstore_health(obs, &mut out);
-    map_pressure(obs, &mut out);
-    // One finding per (kind, subject).
+    node_sections(exp, ctx, obs, &kv, &mut out);
+    finish(out)
+}
+
+/// The diff restricted to some ipcache prefixes: their ipcache findings (the observed entry of
+/// each comes from `observed`, an index the caller keeps), plus every node-scale section
+/// (endpoints, identities, node, tunnel, kvstore health, map pressure), which are small.
+/// `exp` needs expectations only for `prefixes` (see [`super::expected::derive_scoped`]).
+pub fn diff_scoped<'a>(
+    exp: &ExpectedState,
+    ctx: &NodeContext,
+    obs: &Observed<'a>,
+    prefixes: impl IntoIterator<Item = &'a IpNet>,
+    observed: impl Fn(&IpNet) -> Option<&'a IpcacheEntry>,
+) -> Vec<Finding> {
+    let kv = KvIndex::new(obs.kvstore);
+    let mut out = Vec::new();
+    for p in prefixes {
+        ipcache_prefix(p, exp.ipcache.get(p), observed(p), obs, &kv, &mut out);
+    }
+    node_sections(exp, ctx, obs, &kv, &mut out);
+    finish(out)
+}
+
+/// Whether findings of `kind` are about one ipcache prefix (their subject), as opposed to the
+/// node-scale sections every re-check recomputes.
+pub fn is_ipcache_kind(kind: FindingKind) -> bool {
+    matches!(
+        kind,
+        FindingKind::IpcacheMissing
+            | FindingKind::IpcacheStale
+            | FindingKind::IpcacheIdentityMismatch
+            | FindingKind::IpcacheTunnelMismatch
+            | FindingKind::IpcacheEncryptKeyMismatch
+    )
+}
+
+fn node_sections(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
+    endpoints(exp, ctx, obs, kv, out);
+    identities(exp, obs, out);
+    node(exp, ctx, obs, out);
+    tunnel(exp, obs, kv, out);
+    kvstore_health(obs, out);
+    map_pressure(obs, out);
+}
+
+/// One finding per (kind, subject), in report order.
+fn finish(mut out: Vec<Finding>) -> Vec<Finding> {
     let mut seen = BTreeSet::new();
     out.retain(|f| seen.insert(f.id()));
     out.sort_by(|a, b| (a.severity, a.kind, &a.subject).cmp(&(b.severity, b.kind, &b.subject)));
@@ -129,9 +171,36 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut 
     // cluster's kvstore and are not checked here.
     let mut seen: std::collections::HashSet<IpNet> = std::collections::HashSet::with_capacity(exp.ipcache.len());
     for o in obs.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0) {
-        let prefix = &o.prefix;
-        let subject = prefix.to_string();
-        let Some(e) = exp.ipcache.get(prefix) else {
+        let e = exp.ipcache.get(&o.prefix);
+        if e.is_some() {
+            seen.insert(o.prefix);
+        }
+        ipcache_prefix(&o.prefix, e, Some(o), obs, kv, out);
+    }
+    for (prefix, e) in exp.ipcache.iter().filter(|(p, _)| !seen.contains(*p)) {
+        ipcache_prefix(prefix, Some(e), None, obs, kv, out);
+    }
+}
+
+/// The findings about one prefix: what the kvstore expects of it against what the ipcache
+/// holds (cluster 0).
+fn ipcache_prefix(prefix: &IpNet, exp: Option<&Expectation>, observed: Option<&IpcacheEntry>, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
+    let subject = prefix.to_string();
+    let (e, o) = match (exp, observed) {
+        (None, None) => return,
+        (Some(e), None) => {
+            if e.required {
+                let keys = e.kvstore_key.clone();
+                out.push(
+                    Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
+                        .expected(e)
+                        .kvstore(kv.evidence(keys.as_deref()))
+                        .keys(keys),
+                );
+            }
+            return;
+        }
+        (None, Some(o)) => {
             if identity::scope(o.identity) != IdentityScope::Local {
                 // Local-scope (CIDR/FQDN) identities are node-local: not in the kvstore by design.
                 out.push(
@@ -145,52 +214,42 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut 
                     .keys([ip_key(prefix)]),
                 );
             }
-            continue;
-        };
-        seen.insert(*prefix);
-        let keys = e.kvstore_key.clone();
-        if !e.identities.contains(&o.identity) {
-            out.push(
-                Finding::new(
-                    FindingKind::IpcacheIdentityMismatch,
-                    &subject,
-                    format!("{subject}: ipcache identity {}, kvstore says {} ({})", identity::describe(o.identity), show_set(&e.identities), e.rule),
-                )
-                .datapath(o)
-                .expected(e)
-                .kvstore(kv.evidence(keys.as_deref()))
-                .keys(keys.clone()),
-            );
+            return;
         }
-        if !e.tunnel_endpoints.contains(&o.tunnel_endpoint) {
-            let want: Vec<String> = e.tunnel_endpoints.iter().map(show).collect();
-            out.push(
-                Finding::new(
-                    FindingKind::IpcacheTunnelMismatch,
-                    &subject,
-                    format!("{subject}: ipcache tunnel endpoint {}, expected {} ({})", show(&o.tunnel_endpoint), want.join(" or "), e.rule),
-                )
-                .datapath(o)
-                .expected(e)
-                .kvstore(kv.evidence(keys.as_deref()))
-                .keys(keys.clone()),
-            );
-        }
-        if let Some(k) = e.encrypt_keys.as_ref().filter(|k| !k.contains(&o.encrypt_key)) {
-            out.push(
-                Finding::new(FindingKind::IpcacheEncryptKeyMismatch, &subject, format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule))
-                    .datapath(o)
-                    .expected(e)
-                    .kvstore(kv.evidence(keys.as_deref()))
-                    .keys(keys.clone()),
-            );
-        }
-    }
-    for (prefix, e) in exp.ipcache.iter().filter(|(p, e)| e.required && !seen.contains(*p)) {
-        let subject = prefix.to_string();
-        let keys = e.kvstore_key.clone();
+        (Some(e), Some(o)) => (e, o),
+    };
+    let keys = e.kvstore_key.clone();
+    if !e.identities.contains(&o.identity) {
         out.push(
-            Finding::new(FindingKind::IpcacheMissing, &subject, format!("{subject} ({}) is not in the ipcache; expected identity {}", e.rule, show_set(&e.identities)))
+            Finding::new(
+                FindingKind::IpcacheIdentityMismatch,
+                &subject,
+                format!("{subject}: ipcache identity {}, kvstore says {} ({})", identity::describe(o.identity), show_set(&e.identities), e.rule),
+            )
+            .datapath(o)
+            .expected(e)
+            .kvstore(kv.evidence(keys.as_deref()))
+            .keys(keys.clone()),
+        );
+    }
+    if !e.tunnel_endpoints.contains(&o.tunnel_endpoint) {
+        let want: Vec<String> = e.tunnel_endpoints.iter().map(show).collect();
+        out.push(
+            Finding::new(
+                FindingKind::IpcacheTunnelMismatch,
+                &subject,
+                format!("{subject}: ipcache tunnel endpoint {}, expected {} ({})", show(&o.tunnel_endpoint), want.join(" or "), e.rule),
+            )
+            .datapath(o)
+            .expected(e)
+            .kvstore(kv.evidence(keys.as_deref()))
+            .keys(keys.clone()),
+        );
+    }
+    if let Some(k) = e.encrypt_keys.as_ref().filter(|k| !k.contains(&o.encrypt_key)) {
+        out.push(
+            Finding::new(FindingKind::IpcacheEncryptKeyMismatch, &subject, format!("{subject}: ipcache encrypt key {}, expected {} ({})", o.encrypt_key, show_set(k), e.rule))
+                .datapath(o)
                 .expected(e)
                 .kvstore(kv.evidence(keys.as_deref()))
                 .keys(keys),

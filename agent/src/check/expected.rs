@@ -5,7 +5,7 @@
 //! and the tunnel map (v1.17 and older). Where the agent's configuration is unknown, an
 //! expectation accepts every value Cilium can legitimately write, and says so.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -113,18 +113,55 @@ fn keys_for(config: &DatapathConfig, k: u8) -> Option<BTreeSet<u8>> {
     }
 }
 
+/// Everything the kvstore says this node's datapath should hold.
 pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
-    let mut exp = ExpectedState::default();
+    derive_in(snap, snap.ips.iter(), ctx, &|_| true)
+}
+
+/// [`derive`] with ipcache expectations for `prefixes` only (the agent's re-check of the
+/// subjects a change touched). Everything node-scale (this node's entry, local pods, the tunnel
+/// map) is derived in full; the ~100k `ip/v1` entries are only filtered, not turned into
+/// expectations.
+pub fn derive_scoped(snap: &KvstoreSnapshot, ctx: &NodeContext, prefixes: &HashSet<IpNet>) -> ExpectedState {
+    let own = own_node(snap, ctx);
+    let hosts: BTreeSet<IpAddr> = match own {
+        Some(n) => n.addresses.iter().map(|a| a.ip).collect(),
+        None => ctx.local_addresses.clone(),
+    };
+    let ips = snap.ips.iter().filter(|e| prefixes.contains(&e.prefix) || e.host_ip.is_some_and(|h| hosts.contains(&h)));
+    derive_in(snap, ips, ctx, &|p| prefixes.contains(p))
+}
+
+fn own_node<'a>(snap: &'a KvstoreSnapshot, ctx: &NodeContext) -> Option<&'a NodeEntry> {
+    snap.nodes.iter().find(|n| n.name == ctx.node_name && n.cluster == ctx.cluster)
+}
+
+/// Collects ipcache expectations for the prefixes it is asked about; the rest are not built.
+struct Builder<'w> {
+    exp: ExpectedState,
+    wanted: &'w dyn Fn(&IpNet) -> bool,
+}
+
+impl Builder<'_> {
+    fn expect(&mut self, prefix: IpNet, make: impl FnOnce() -> Expectation) {
+        if (self.wanted)(&prefix) {
+            self.exp.expect(prefix, make());
+        }
+    }
+}
+
+fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
+    let mut b = Builder { exp: ExpectedState::default(), wanted };
     let cfg = &ctx.config;
     let layout = ctx.layout;
-    let node = snap.nodes.iter().find(|n| n.name == ctx.node_name && n.cluster == ctx.cluster).cloned();
+    let node = own_node(snap, ctx).cloned();
 
     let ipv4 = cfg.ipv4.unwrap_or(true);
     let ipv6 = cfg.ipv6.unwrap_or_else(|| {
         node.as_ref().is_some_and(|n| n.ipv6_alloc_cidr.is_some() || n.addresses.iter().any(|a| a.ip.is_ipv6()))
     });
     if cfg.ipv4.is_none() || cfg.ipv6.is_none() {
-        exp.assumptions.push(format!(
+        b.exp.assumptions.push(format!(
             "address families not configured: assumed IPv4 {}, IPv6 {} (from the node entry)",
             if ipv4 { "on" } else { "off" },
             if ipv6 { "on" } else { "off" }
@@ -144,9 +181,9 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
     };
     for (on, prefix, v6) in [(ipv4, "0.0.0.0/0", false), (ipv6, "::/0", true)] {
         if on {
-            exp.expect(
+            b.expect(
                 prefix.parse().unwrap_or_default(),
-                Expectation {
+                || Expectation {
                     identities: world(v6),
                     tunnel_endpoints: set([None]),
                     encrypt_keys: world_keys.clone(),
@@ -161,10 +198,10 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
     // 2./3. This node's own addresses: identity host, no tunnel; endpoint-map host entries.
     if let Some(n) = &node {
         for a in &n.addresses {
-            exp.node_addresses.insert(a.ip);
-            exp.expect(
+            b.exp.node_addresses.insert(a.ip);
+            b.expect(
                 IpNet::from(a.ip),
-                Expectation {
+                || Expectation {
                     identities: set([identity::HOST]),
                     tunnel_endpoints: set([None]),
                     encrypt_keys: keys_for(cfg, n.encryption_key),
@@ -174,14 +211,14 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
                 },
             );
             if ctx.local_addresses.contains(&a.ip) {
-                exp.host_entries.insert(a.ip, true);
+                b.exp.host_entries.insert(a.ip, true);
             }
         }
         for (health, v6) in [(n.ipv4_health_ip, false), (n.ipv6_health_ip, true)] {
             if let Some(ip) = health.filter(|_| if v6 { ipv6 } else { ipv4 }) {
-                exp.expect(
+                b.expect(
                     IpNet::from(ip),
-                    Expectation {
+                    || Expectation {
                         identities: set([identity::HEALTH]),
                         tunnel_endpoints: set([None]),
                         encrypt_keys: None,
@@ -194,13 +231,13 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
         }
     } else {
         // Without a node entry, the local addresses are the node's addresses.
-        exp.node_addresses.extend(ctx.local_addresses.iter().copied());
+        b.exp.node_addresses.extend(ctx.local_addresses.iter().copied());
     }
     for ip in &ctx.local_addresses {
-        exp.host_entries.entry(*ip).or_insert(false);
-        exp.expect(
+        b.exp.host_entries.entry(*ip).or_insert(false);
+        b.expect(
             IpNet::from(*ip),
-            Expectation {
+            || Expectation {
                 identities: set([identity::HOST]),
                 tunnel_endpoints: set([None]),
                 encrypt_keys: None,
@@ -210,7 +247,7 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
             },
         );
     }
-    exp.node = node.clone();
+    b.exp.node = node.clone();
 
     // 4./5. Pods from ip/v1.
     let remote_node_ids: BTreeSet<u32> = match cfg.remote_node_identity {
@@ -219,13 +256,13 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
         None => set([identity::HOST, identity::REMOTE_NODE]),
     };
     if cfg.remote_node_identity.is_none() {
-        exp.assumptions.push("remote-node identity setting unknown: remote node addresses may carry identity 1 or 6".into());
+        b.exp.assumptions.push("remote-node identity setting unknown: remote node addresses may carry identity 1 or 6".into());
     }
     if cfg.encryption.is_none() {
-        exp.assumptions.push("encryption setting unknown: entries may carry key 0 or the owner's announced key".into());
+        b.exp.assumptions.push("encryption setting unknown: entries may carry key 0 or the owner's announced key".into());
     }
-    for e in &snap.ips {
-        let hosted_here = e.host_ip.is_some_and(|h| exp.node_addresses.contains(&h));
+    for e in ips {
+        let hosted_here = e.host_ip.is_some_and(|h| b.exp.node_addresses.contains(&h));
         let mut ids = set([e.identity]);
         if e.identity == identity::HOST {
             // Readers rewrite ID 1 to remote-node (v1.12+ with remote-node identity; always v1.16+).
@@ -236,9 +273,9 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
         } else {
             e.host_ip.filter(|h| h.is_ipv4() || layout.ipcache_v2())
         };
-        exp.expect(
+        b.expect(
             e.prefix,
-            Expectation {
+            || Expectation {
                 identities: ids,
                 tunnel_endpoints: set([tunnel]),
                 encrypt_keys: Some(set([e.encrypt_key])),
@@ -248,14 +285,14 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
             },
         );
         if hosted_here && e.prefix.prefix_len() == e.prefix.max_prefix_len() {
-            exp.local_ips.insert(e.prefix.addr(), e.clone());
+            b.exp.local_ips.insert(e.prefix.addr(), e.clone());
         }
     }
 
     // 6.-9. Remote nodes.
     let tunnel_on = cfg.tunnel.unwrap_or(ctx.tunnel_map_in_use);
     if cfg.tunnel.is_none() && layout.has_tunnel_map() {
-        exp.assumptions.push(format!(
+        b.exp.assumptions.push(format!(
             "routing mode unknown: assumed {} because the tunnel map {}",
             if tunnel_on { "tunnel" } else { "direct routing" },
             if tunnel_on { "has entries" } else { "is empty" }
@@ -280,9 +317,9 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
             } else {
                 set([None, underlay])
             };
-            exp.expect(
+            b.expect(
                 IpNet::from(a.ip),
-                Expectation {
+                || Expectation {
                     identities: ids,
                     tunnel_endpoints: tunnels,
                     encrypt_keys: key_any.clone(),
@@ -304,9 +341,9 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
             (n.ipv6_ingress_ip, 8, "remote ingress IP (nodes/v1)"),
         ] {
             let Some(ip) = ip else { continue };
-            exp.expect(
+            b.expect(
                 IpNet::from(ip),
-                Expectation {
+                || Expectation {
                     identities: set([id]),
                     tunnel_endpoints: set([underlay]),
                     encrypt_keys: if cfg.encryption.is_none() { None } else { Some(health_keys.clone()) },
@@ -319,9 +356,9 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
         if layout.ipcache_v2() {
             let cidrs = n.ipv4_alloc_cidr.iter().chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_alloc_cidr).chain(&n.ipv6_secondary_alloc_cidrs);
             for c in cidrs {
-                exp.expect(
+                b.expect(
                     c.trunc(),
-                    Expectation {
+                    || Expectation {
                         identities: world(c.addr().is_ipv6()),
                         tunnel_endpoints: set([underlay]),
                         encrypt_keys: key_any.clone(),
@@ -343,6 +380,6 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
             }
         }
     }
-    exp.tunnel = (layout.has_tunnel_map() && tunnel_on).then_some(tunnel_map);
-    exp
+    b.exp.tunnel = (layout.has_tunnel_map() && tunnel_on).then_some(tunnel_map);
+    b.exp
 }

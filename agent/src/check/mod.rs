@@ -1,10 +1,12 @@
 //! The cross-check: expected datapath from the kvstore (`expected`), compared with what the
-//! node holds (`diff`), reported as typed findings (`kinds`). Pure logic; `run` does the I/O.
+//! node holds (`diff`), reported as typed findings (`kinds`); `live` keeps a check current
+//! change by change for the agent. Pure logic; `run` does the I/O.
 
 pub mod config;
 pub mod diff;
 pub mod expected;
 pub mod kinds;
+pub mod live;
 pub mod run;
 
 #[cfg(test)]

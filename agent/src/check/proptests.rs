@@ -1,5 +1,6 @@
 //! Property tests of the pure diff engine: random consistent nodes give no findings; one random
-//! mutation gives findings about that subject only.
+//! mutation gives findings about that subject only; the agent's incremental re-checks agree
+//! with a full check after every change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,6 +10,10 @@ use proptest::prelude::*;
 
 use super::config::DatapathConfig;
 use super::diff::{diff, Observed};
+use super::live::{LiveCheck, Scope};
+use super::run::Reading;
+use crate::datapath::events::{DatapathChange, Entry, MapKind, Op};
+use crate::kvstore::watch::Change;
 use super::expected::{derive, NodeContext};
 use crate::datapath::addresses::{HostAddresses, Interface};
 use crate::datapath::detect::LayoutChoice;
@@ -273,6 +278,81 @@ proptest! {
             let about_ip = x.subject.split('/').next() == Some(subject_ip.as_str());
             let identity_side_effect = matches!(x.kind, super::kinds::FindingKind::IdentityReferenceLeaked | super::kinds::FindingKind::IdentityReferenceMissing);
             prop_assert!(about_ip || identity_side_effect, "mutation {:?} on {} also reported {:?}", m, subject_ip, by_kind);
+        }
+    }
+}
+
+/// The changes that turn world `a` into `b`, as the agent receives them: confirmed ipcache
+/// changes and etcd watch events.
+fn changes_between(a: &World, b: &World) -> (Vec<DatapathChange>, Vec<Change>) {
+    let by_prefix = |w: &World| -> BTreeMap<IpNet, IpcacheEntry> { w.dp.ipcache.entries.iter().map(|e| (e.prefix, e.clone())).collect() };
+    let (old, new) = (by_prefix(a), by_prefix(b));
+    let mut dp = Vec::new();
+    for p in old.keys().chain(new.keys()).collect::<BTreeSet<_>>() {
+        let (o, n) = (old.get(p), new.get(p));
+        if o.map(|e| (e.identity, e.tunnel_endpoint)) == n.map(|e| (e.identity, e.tunnel_endpoint)) {
+            continue;
+        }
+        dp.push(DatapathChange {
+            map: "cilium_ipcache".into(),
+            kind: MapKind::Ipcache,
+            op: if o.is_none() { Op::Added } else if n.is_none() { Op::Removed } else { Op::Updated },
+            subject: p.to_string(),
+            old: None,
+            new: None,
+            at: String::new(),
+            source: "test",
+            old_entry: o.cloned().map(Entry::Ipcache),
+            new_entry: n.cloned().map(Entry::Ipcache),
+            undecodable: false,
+        });
+    }
+    let by_key = |w: &World| -> BTreeMap<String, IpEntry> { w.kv.ips.iter().map(|e| (e.meta.key.clone(), e.clone())).collect() };
+    let (old, new) = (by_key(a), by_key(b));
+    let mut kv = Vec::new();
+    for (k, e) in &new {
+        if old.get(k).map(|o| (o.identity, o.host_ip)) != Some((e.identity, e.host_ip)) {
+            let host = e.host_ip.map(|h| h.to_string()).unwrap_or_default();
+            let value = format!(r#"{{"IP":"{}","Mask":null,"HostIP":"{host}","ID":{},"Key":0}}"#, e.prefix.addr(), e.identity);
+            kv.push(Change::Put { key: k.clone(), value, mod_revision: 11, lease: 0 });
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        kv.push(Change::Delete { key: k.clone(), mod_revision: 11 });
+    }
+    (dp, kv)
+}
+
+fn reading(w: &World) -> Reading {
+    let now = chrono::Utc::now();
+    Reading { datapath: w.dp.clone(), host: w.host.clone(), kvstore: w.kv.clone(), health: Default::default(), datapath_read_at: now, kvstore_read_at: now }
+}
+
+fn ids(f: &[super::diff::Finding]) -> BTreeSet<(super::kinds::FindingKind, String)> {
+    f.iter().map(super::diff::Finding::id).collect()
+}
+
+proptest! {
+    #[test]
+    fn incremental_rechecks_agree_with_a_full_check(w in arb_world(), ms in prop::collection::vec(arb_mutation(), 1..4)) {
+        let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+        let first = live.recheck();
+        prop_assert_eq!(&first.scope, &Scope::Full);
+        let mut known = ids(&first.findings);
+        let mut cur = w;
+        for m in &ms {
+            let mut next = cur.clone();
+            apply(&mut next, m);
+            let (dp, kv) = changes_between(&cur, &next);
+            live.apply_datapath(&dp);
+            live.apply_kvstore(&kv, 11);
+            let r = live.recheck();
+            // What the tracker does: covered ids are replaced by the re-check's findings.
+            known.retain(|id| !r.scope.covers(id));
+            known.extend(ids(&r.findings));
+            let full = ids(&findings(&next));
+            prop_assert_eq!(&known, &full, "after {:?} (scope {:?})", m, r.scope);
+            cur = next;
         }
     }
 }

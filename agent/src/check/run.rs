@@ -148,10 +148,10 @@ pub fn node_config(opts: &CheckOptions) -> Result<DatapathConfig, CheckError> {
     Ok(cfg)
 }
 
-pub fn context(opts: &CheckOptions, cfg: DatapathConfig, r: &Reading) -> NodeContext {
+pub fn context(node_name: &str, cluster: &str, cfg: DatapathConfig, r: &Reading) -> NodeContext {
     NodeContext {
-        node_name: opts.node_name.clone(),
-        cluster: opts.cluster.clone(),
+        node_name: node_name.to_owned(),
+        cluster: cluster.to_owned(),
         layout: r.datapath.layout.layout,
         config: cfg,
         local_addresses: local_addresses(&r.host),
@@ -190,7 +190,7 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let kvstore_read_at = chrono::Utc::now();
     let (dp, host) = read_datapath(&opts.datapath).await?;
     let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at: chrono::Utc::now(), kvstore_read_at };
-    let ctx = context(opts, cfg.clone(), &reading);
+    let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
     let (mut findings, assumptions) = evaluate(&ctx, &reading);
     let first_revision = reading.kvstore.revision;
 
@@ -207,7 +207,7 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         reading.datapath = dp;
         reading.host = host;
         reading.datapath_read_at = chrono::Utc::now();
-        let ctx = context(opts, cfg.clone(), &reading);
+        let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
         let (again, _) = evaluate(&ctx, &reading);
         let persisting: BTreeSet<(FindingKind, String)> = again.iter().map(Finding::id).collect();
         settle.settled = findings.iter().map(Finding::id).filter(|id| !persisting.contains(id)).collect();

@@ -45,6 +45,22 @@ pub struct DatapathChange {
     pub at: String,
     /// `ebpf` or `poll`.
     pub source: &'static str,
+    /// The decoded entries (for the agent's copy of the maps); `None` when absent or undecodable.
+    #[serde(skip)]
+    pub old_entry: Option<Entry>,
+    #[serde(skip)]
+    pub new_entry: Option<Entry>,
+    /// The entry exists but does not decode.
+    #[serde(skip)]
+    pub undecodable: bool,
+}
+
+/// One decoded entry of a watched map.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Ipcache(ipcache::IpcacheEntry),
+    Endpoint(endpoints::EndpointEntry),
+    Tunnel(tunnel::TunnelEntry),
 }
 
 /// Raw key → raw value, as last seen. Stored inline in fixed-size arrays: a 500k-entry
@@ -92,18 +108,22 @@ fn mirror_for(key_size: u32, value_size: u32) -> Box<dyn RawMirror> {
 
 struct Watched {
     kind: MapKind,
+    path: std::path::PathBuf,
     map: PinnedMap,
     mirror: Box<dyn RawMirror>,
 }
 
+/// An entry's subject, its JSON form and the typed entry (`None` when undecodable).
+type Decoded = (String, Option<Value>, Option<Entry>);
+
 impl Watched {
-    fn decode(&self, layout: Layout, key: &[u8], value: &[u8]) -> (String, Option<Value>) {
+    fn decode(&self, layout: Layout, key: &[u8], value: &[u8]) -> Decoded {
         let decoded = match self.kind {
-            MapKind::Ipcache => ipcache::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(e).ok())),
-            MapKind::Endpoints => endpoints::decode(layout, key, value).map(|e| (e.ip.to_string(), serde_json::to_value(e).ok())),
-            MapKind::Tunnel => tunnel::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(e).ok())),
+            MapKind::Ipcache => ipcache::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(&e).ok(), Some(Entry::Ipcache(e)))),
+            MapKind::Endpoints => endpoints::decode(layout, key, value).map(|e| (e.ip.to_string(), serde_json::to_value(&e).ok(), Some(Entry::Endpoint(e)))),
+            MapKind::Tunnel => tunnel::decode(layout, key, value).map(|e| (e.prefix.to_string(), serde_json::to_value(&e).ok(), Some(Entry::Tunnel(e)))),
         };
-        decoded.unwrap_or_else(|e| (hex::encode(key), Some(Value::String(format!("undecodable: {e}")))))
+        decoded.unwrap_or_else(|e| (hex::encode(key), Some(Value::String(format!("undecodable: {e}"))), None))
     }
 
     /// Compares the map's current value for `key` with the mirror and updates it.
@@ -122,8 +142,8 @@ impl Watched {
             (Some(_), Some(_)) => Op::Updated,
             _ => Op::Removed,
         };
-        let (subject, old) = before.as_ref().map_or((String::new(), None), |v| self.decode(layout, &key, v));
-        let (subject2, new) = now.as_ref().map_or((String::new(), None), |v| self.decode(layout, &key, v));
+        let (subject, old, old_entry) = before.as_ref().map_or((String::new(), None, None), |v| self.decode(layout, &key, v));
+        let (subject2, new, new_entry) = now.as_ref().map_or((String::new(), None, None), |v| self.decode(layout, &key, v));
         self.mirror.set(&key, now.as_deref());
         Some(DatapathChange {
             map: self.map.meta.name.clone(),
@@ -134,6 +154,9 @@ impl Watched {
             new,
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             source,
+            undecodable: (before.is_some() && old_entry.is_none()) || (now.is_some() && new_entry.is_none()),
+            old_entry,
+            new_entry,
         })
     }
 
@@ -185,22 +208,22 @@ impl ChangeFeed {
         let dir = super::globals_dir(&opts.bpffs);
         let ipcache_name = if layout.ipcache_v2() { IPCACHE_V2 } else { IPCACHE_V1 };
         let mut maps = vec![
-            (MapKind::Ipcache, PinnedMap::open(ipcache_name, &dir.join(ipcache_name))?),
-            (MapKind::Endpoints, PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?),
+            (MapKind::Ipcache, dir.join(ipcache_name), PinnedMap::open(ipcache_name, &dir.join(ipcache_name))?),
+            (MapKind::Endpoints, dir.join(ENDPOINTS), PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?),
         ];
         if layout.has_tunnel_map() {
             if let Some(t) = PinnedMap::open_if_present(TUNNEL, &dir.join(TUNNEL))? {
-                maps.push((MapKind::Tunnel, t));
+                maps.push((MapKind::Tunnel, dir.join(TUNNEL), t));
             }
         }
         let mut watched = Vec::new();
-        for (kind, map) in maps {
+        for (kind, path, map) in maps {
             let raw = map.read_all(opts.strategy)?;
             let mut mirror = mirror_for(map.meta.key_size, map.meta.value_size);
             for (k, v) in raw.iter() {
                 mirror.set(k, Some(v));
             }
-            watched.push(Watched { kind, map, mirror });
+            watched.push(Watched { kind, path, map, mirror });
         }
         let (source, fallback_reason) = if follow.ebpf {
             match Self::attach(&watched) {
@@ -210,9 +233,6 @@ impl ChangeFeed {
         } else {
             (Source::Poll(follow.poll_interval), Some("eBPF change events switched off".to_owned()))
         };
-        if let Some(r) = &fallback_reason {
-            tracing::warn!(reason = %r, interval = ?follow.poll_interval, "datapath change events: polling instead of eBPF");
-        }
         Ok(ChangeFeed { layout, maps: watched, source, fallback_reason })
     }
 
@@ -234,6 +254,20 @@ impl ChangeFeed {
             Source::Ebpf(_) => "ebpf",
             Source::Poll(_) => "poll",
         }
+    }
+
+    /// The first watched map whose pin no longer holds the map kvcheck has open (Cilium
+    /// re-created or removed it; our handle keeps the old map alive, so reads would go on
+    /// returning its frozen contents).
+    pub fn replaced_map(&self) -> Option<String> {
+        self.maps.iter().find_map(|w| {
+            let current = PinnedMap::open_if_present(&w.map.meta.name, &w.path).ok().flatten();
+            match current {
+                Some(m) if m.meta.id == w.map.meta.id => None,
+                Some(m) => Some(format!("{} re-created (map id {} -> {})", w.path.display(), w.map.meta.id, m.meta.id)),
+                None => Some(format!("{} no longer pinned", w.path.display())),
+            }
+        })
     }
 
     /// Waits for the next confirmed changes.

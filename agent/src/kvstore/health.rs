@@ -19,7 +19,7 @@ pub struct EndpointStatus {
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ClusterHealth {
     pub endpoints: Vec<EndpointStatus>,
     pub connected: usize,

@@ -96,11 +96,18 @@ impl KvstoreSnapshot {
 impl KvstoreSnapshot {
     /// Drops whatever the snapshot holds for `key` (before re-reading it).
     pub fn remove_key(&mut self, key: &str) {
-        self.nodes.retain(|n| n.meta.key != key);
-        self.ips.retain(|e| e.meta.key != key);
-        self.identities.retain(|_, i| i.meta.key != key);
-        self.identity_references.retain(|r| r.meta.key != key);
-        self.synced.retain(|(m, _)| m.key != key);
+        // Only the list the key's prefix decodes into (the ip/v1 one may hold 100k entries).
+        if key.starts_with(values::NODES_PREFIX) {
+            self.nodes.retain(|n| n.meta.key != key);
+        } else if key.starts_with(values::IP_PREFIX) {
+            self.ips.retain(|e| e.meta.key != key);
+        } else if key.starts_with(values::IDENTITY_ID_PREFIX) {
+            self.identities.retain(|_, i| i.meta.key != key);
+        } else if key.starts_with(values::IDENTITY_VALUE_PREFIX) {
+            self.identity_references.retain(|r| r.meta.key != key);
+        } else {
+            self.synced.retain(|(m, _)| m.key != key);
+        }
         self.malformed.retain(|m| m.meta.key != key);
         if self.heartbeat.as_ref().is_some_and(|(m, _)| m.key == key) {
             self.heartbeat = None;
