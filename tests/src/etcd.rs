@@ -248,6 +248,19 @@ impl EtcdCluster {
 
     /// Starts a stopped member again with its data (as after a crash and restart).
     pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.spawn_stopped(i)?;
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// Starts every stopped member (a cluster that lost quorum needs them together).
+    pub fn restart_all(&mut self) -> Result<()> {
+        for i in 0..self.members.len() {
+            self.spawn_stopped(i)?;
+        }
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn spawn_stopped(&mut self, i: usize) -> Result<()> {
         let m = &mut self.members[i];
         if m.child.is_none() {
             let child = Command::new(&m.command[0])
@@ -258,7 +271,7 @@ impl EtcdCluster {
                 .context("restarting etcd")?;
             m.child = Some(child);
         }
-        self.wait_ready(Duration::from_secs(20))
+        Ok(())
     }
 
     /// `etcdctl` against this cluster (ETCDCTL_API=3), with TLS flags when needed.
@@ -272,12 +285,20 @@ impl EtcdCluster {
     }
 
     /// Runs etcdctl with `args`, failing on error; returns stdout.
+    /// Retried for a few seconds: right after a member is killed the cluster may be electing
+    /// a leader.
     pub fn etcdctl_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.etcdctl().args(args).output()?;
-        if !out.status.success() {
-            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.etcdctl().args(args).output()?;
+            if out.status.success() {
+                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+            if Instant::now() >= deadline {
+                bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(300));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The cluster's current revision.
@@ -291,10 +312,7 @@ impl EtcdCluster {
     pub fn put_all(&self, pairs: &[(String, String)]) -> Result<()> {
         for (k, v) in pairs {
             // `--` so values starting with '-' are not taken for flags.
-            let out = self.etcdctl().args(["put", "--", k, v]).output()?;
-            if !out.status.success() {
-                bail!("etcdctl put {k}: {}", String::from_utf8_lossy(&out.stderr));
-            }
+            self.etcdctl_ok(&["put", "--", k, v])?;
         }
         Ok(())
     }

@@ -165,6 +165,21 @@ impl WriterMap {
         Ok(WriterMap { fd, shape, path })
     }
 
+    /// What Cilium does when it re-creates a map (restart with a changed size, upgrade): a new
+    /// map of the same shape pinned under the same path, holding the old map's entries.
+    pub fn recreate(&mut self) -> anyhow::Result<()> {
+        let old = kvcheck::datapath::maps::PinnedMap::open(self.shape.name, &self.path)?;
+        let entries = old.read_all(kvcheck::datapath::maps::ReadStrategy::default())?;
+        std::fs::remove_file(&self.path)?;
+        let dir = self.path.parent().map(Path::to_owned).unwrap_or_default();
+        let new = WriterMap::create(&dir, self.shape)?;
+        for (k, v) in entries.iter() {
+            new.update(k, v)?;
+        }
+        *self = new;
+        Ok(())
+    }
+
     fn check(&self, key: &[u8], value: Option<&[u8]>) {
         assert_eq!(key.len(), self.shape.key_size as usize, "{} key size", self.shape.name);
         if let Some(v) = value {

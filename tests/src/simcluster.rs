@@ -44,11 +44,13 @@ pub struct NodeSpec {
     pub dual_stack: bool,
     /// Override the ipcache's max entries (Cilium's is configurable); `None` = 512,000.
     pub ipcache_max: Option<u32>,
+    /// A 3-member etcd cluster with TLS client-certificate auth instead of one plaintext member.
+    pub three_member_tls: bool,
 }
 
 impl NodeSpec {
     pub fn new(layout: Layout, dual_stack: bool) -> NodeSpec {
-        NodeSpec { layout, dual_stack, ipcache_max: None }
+        NodeSpec { layout, dual_stack, ipcache_max: None, three_member_tls: false }
     }
 }
 
@@ -195,7 +197,7 @@ pub fn consistent_node(spec: NodeSpec) -> anyhow::Result<SimulatedNode> {
     netns.add_interface("eth0", &eth0.iter().map(String::as_str).collect::<Vec<_>>())?;
     netns.add_cilium_host(&router.iter().map(String::as_str).collect::<Vec<_>>())?;
 
-    let etcd = EtcdCluster::single()?;
+    let etcd = if spec.three_member_tls { EtcdCluster::three_tls()? } else { EtcdCluster::single()? };
     etcd.put_all(&kv)?;
     let state_dir = bpffs.root.with_extension("state");
     std::fs::create_dir_all(state_dir.join("globals"))?;

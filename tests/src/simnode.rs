@@ -75,12 +75,17 @@ impl SimulatedNode {
 
     /// `kvcheck check` arguments that point at this node (run inside its netns).
     pub fn check_args(&self) -> Vec<String> {
+        // A TLS cluster is reached the way Cilium's agent reaches it: through an etcd.config.
+        let (etcd_flag, etcd_value) = match &self.etcd.tls {
+            Some(t) => ("--etcd-config", t.etcd_config(&self.etcd.endpoints(), &t.ca).map(|p| p.display().to_string()).unwrap_or_default()),
+            None => ("--etcd-endpoints", self.etcd.endpoints_arg()),
+        };
         [
             "check",
             "--bpffs",
             self.bpffs.root_str(),
-            "--etcd-endpoints",
-            &self.etcd.endpoints_arg(),
+            etcd_flag,
+            &etcd_value,
             "--node-name",
             self.name,
             "--cilium-state-dir",

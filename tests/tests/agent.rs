@@ -1,6 +1,7 @@
 //! `kvcheck agent` against a simulated node (real maps, netns, etcd): findings open after the
 //! grace period and resolve after repair, malformed values are reported and the agent goes on,
-//! /metrics, /healthz and /readyz answer, SIGTERM stops it.
+//! /metrics, /healthz and /readyz answer, SIGTERM stops it; a 3-member TLS cluster losing one
+//! and then all members, a compacted watch revision, and Cilium re-creating its maps.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use kvcheck::model::version::Layout;
 use kvcheck_tests::encode::IpcacheValue;
 use kvcheck_tests::require_root;
-use kvcheck_tests::simcluster::{consistent_node, NodeSpec, NODE_B_IP};
+use kvcheck_tests::simcluster::{consistent_node, ip_json, NodeSpec, NODE_B_IP, REMOTE_PODS};
 use kvcheck_tests::simnode::SimulatedNode;
 use serde_json::Value;
 
@@ -19,6 +20,8 @@ struct Agent {
     child: Child,
     logs: mpsc::Receiver<Value>,
     port: u16,
+    /// Every log line received so far (the tests check what else was reported).
+    seen: std::cell::RefCell<Vec<Value>>,
 }
 
 fn free_port() -> u16 {
@@ -55,7 +58,7 @@ impl Agent {
                 }
             }
         });
-        let agent = Agent { child, logs: rx, port };
+        let agent = Agent { child, logs: rx, port, seen: Default::default() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if http_get(port, "/readyz").is_some_and(|(c, _)| c == 200) {
@@ -71,12 +74,62 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let v = self.logs.recv_timeout(left).unwrap_or_else(|_| panic!("no {event} {kind:?} {subject:?} within {timeout:?}"));
+            let Ok(v) = self.logs.recv_timeout(left) else {
+                let seen = self.seen.borrow();
+                let recent: Vec<String> = seen.iter().rev().take(40).rev().map(ToString::to_string).collect();
+                panic!("no {event} {kind:?} {subject:?} within {timeout:?}; last lines:\n{}", recent.join("\n"));
+            };
+            self.seen.borrow_mut().push(v.clone());
             if v["event"] == event && kind.is_none_or(|k| v["kind"] == k) && subject.is_none_or(|s| v["subject"] == s) {
                 return (v, Instant::now());
             }
         }
     }
+}
+
+impl Agent {
+    /// Waits for a node-health line whose etcd status contains `etcd` and whose status is `status`.
+    fn wait_health(&self, status: &str, etcd: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (h, _) = self.wait_for("node-health", None, None, left);
+            if h["status"] == status && h["etcd"].as_str().is_some_and(|e| e.contains(etcd)) {
+                return h;
+            }
+        }
+    }
+
+    fn readyz(&self) -> Option<u16> {
+        http_get(self.port, "/readyz").map(|(c, _)| c)
+    }
+
+    /// Waits until /readyz answers `code`.
+    fn wait_readyz(&self, code: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.readyz() != Some(code) {
+            assert!(Instant::now() < deadline, "/readyz not {code} within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Reads what is queued without waiting, then returns the (kind, subject) of every
+    /// finding-opened line seen so far, and how many of each event.
+    fn opened(&self) -> Vec<(String, String)> {
+        while let Ok(v) = self.logs.try_recv() {
+            self.seen.borrow_mut().push(v);
+        }
+        self.seen.borrow().iter().filter(|v| v["event"] == "finding-opened").map(|v| (v["kind"].as_str().unwrap_or_default().to_owned(), v["subject"].as_str().unwrap_or_default().to_owned())).collect()
+    }
+
+    fn count(&self, event: &str) -> usize {
+        self.opened();
+        self.seen.borrow().iter().filter(|v| v["event"] == event).count()
+    }
+}
+
+fn pair(kind: &str, subject: &str) -> (String, String) {
+    (kind.to_owned(), subject.to_owned())
 }
 
 impl Drop for Agent {
@@ -170,4 +223,121 @@ fn agent_survives_etcd_outage_and_catches_up() {
         assert!(Instant::now() < deadline, "/readyz not ready after etcd came back");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn agent_rides_out_member_loss_in_a_three_member_tls_cluster() {
+    if !require_root("agent_rides_out_member_loss_in_a_three_member_tls_cluster") {
+        return;
+    }
+    let spec = NodeSpec { three_member_tls: true, ..NodeSpec::new(Layout::V1_15, false) };
+    let mut node = consistent_node(spec).unwrap();
+    let agent = Agent::start(&node, &["--etcd-timeout", "2"]);
+    agent.wait_health("ok", "3/3 connected", Duration::from_secs(10));
+
+    // One member down: the agent keeps checking and says 2/3; a change made through the
+    // remaining members is seen, and nothing else is reported.
+    node.etcd.kill(1);
+    let h = agent.wait_health("degraded", "2/3 connected", Duration::from_secs(15));
+    assert!(h["etcd"].as_str().unwrap().contains("leader"), "{h}");
+    node.etcd_put("cilium/state/ip/v1/default/10.2.0.77", &ip_json("10.2.0.77", NODE_B_IP, 1000, "node-b", 77)).unwrap();
+    agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.77/32"), Duration::from_secs(10));
+    node.etcd_del("cilium/state/ip/v1/default/10.2.0.77").unwrap();
+    agent.wait_for("finding-resolved", Some("ipcache-missing"), Some("10.2.0.77/32"), Duration::from_secs(10));
+
+    // All down: failed, unready, still running.
+    node.etcd.kill(0);
+    node.etcd.kill(2);
+    agent.wait_health("failed", "0/3 connected", Duration::from_secs(20));
+    agent.wait_readyz(503, Duration::from_secs(10));
+    // Meanwhile the datapath drifts; when the members are back the agent catches up by itself.
+    node.ipcache_put("10.9.9.7/32", IpcacheValue { identity: 1000, ..Default::default() }).unwrap();
+    node.etcd.restart_all().unwrap();
+    agent.wait_for("finding-opened", Some("ipcache-stale"), Some("10.9.9.7/32"), Duration::from_secs(30));
+    agent.wait_readyz(200, Duration::from_secs(10));
+    agent.wait_health("degraded", "3/3 connected", Duration::from_secs(10));
+    let opened = agent.opened();
+    assert_eq!(opened, vec![pair("ipcache-missing", "10.2.0.77/32"), pair("ipcache-stale", "10.9.9.7/32")], "false findings reported");
+}
+
+#[test]
+fn agent_relists_after_a_compacted_watch_revision() {
+    if !require_root("agent_relists_after_a_compacted_watch_revision") {
+        return;
+    }
+    let mut node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let agent = Agent::start(&node, &["--etcd-timeout", "2"]);
+    agent.wait_health("ok", "1/1 connected", Duration::from_secs(10));
+
+    // The agent is frozen while its etcd restarts (its watch connection dies unread), keys
+    // change and the history is compacted: on resume its watch revision is gone and it must
+    // relist.
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGSTOP) };
+    node.etcd.kill(0);
+    node.etcd.restart(0).unwrap();
+    node.etcd_put("cilium/state/ip/v1/default/10.2.0.78", &ip_json("10.2.0.78", NODE_B_IP, 1000, "node-b", 78)).unwrap();
+    node.etcd_del(&format!("cilium/state/ip/v1/default/{}", REMOTE_PODS[0].0)).unwrap();
+    node.etcd_put("cilium/state/ip/v1/default/10.2.0.79", &ip_json("10.2.0.79", NODE_B_IP, 1000, "node-b", 79)).unwrap();
+    node.etcd_del("cilium/state/ip/v1/default/10.2.0.79").unwrap();
+    let rev = node.etcd.revision().unwrap();
+    node.etcd.etcdctl_ok(&["compact", &rev.to_string(), "--physical"]).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGCONT) };
+
+    agent.wait_for("kvstore-relist", None, None, Duration::from_secs(20));
+    agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.78/32"), Duration::from_secs(10));
+    let stale = format!("{}/32", REMOTE_PODS[0].0);
+    agent.wait_for("finding-opened", Some("ipcache-stale"), Some(&stale), Duration::from_secs(10));
+    // A few more checks go by: still exactly these two, each reported once.
+    agent.wait_health("degraded", "1/1 connected", Duration::from_secs(10));
+    agent.wait_health("degraded", "1/1 connected", Duration::from_secs(10));
+    let mut opened = agent.opened();
+    opened.sort();
+    assert_eq!(opened, vec![pair("ipcache-missing", "10.2.0.78/32"), pair("ipcache-stale", &stale)]);
+    // And they are what a one-shot check of the same node finds.
+    let out = node.check(&["--cilium-version", "1.16", "--output", "json"]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut found: Vec<(String, String)> = doc["findings"].as_array().unwrap().iter().map(|f| (f["kind"].as_str().unwrap().to_owned(), f["subject"].as_str().unwrap().to_owned())).collect();
+    found.sort();
+    assert_eq!(found, opened);
+}
+
+fn reopens_maps_after_cilium_recreates_them(extra: &[&str], source: &str) {
+    let mut node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let agent = Agent::start(&node, extra);
+    agent.wait_health("ok", "1/1 connected", Duration::from_secs(10));
+
+    // Cilium restarts and re-creates its ipcache and endpoint maps under the same pins.
+    node.maps.ipcache.recreate().unwrap();
+    node.maps.endpoints.recreate().unwrap();
+    let (reopen, _) = agent.wait_for("datapath-reopen", None, None, Duration::from_secs(15));
+    assert!(reopen["reason"].as_str().unwrap().contains("re-created"), "{reopen}");
+    // The new maps are the ones checked and followed.
+    node.ipcache_put("10.9.9.6/32", IpcacheValue { identity: 1000, ..Default::default() }).unwrap();
+    agent.wait_for("finding-opened", Some("ipcache-stale"), Some("10.9.9.6/32"), Duration::from_secs(15));
+    node.ipcache_delete("10.9.9.6/32").unwrap();
+    agent.wait_for("finding-resolved", Some("ipcache-stale"), Some("10.9.9.6/32"), Duration::from_secs(10));
+    assert_eq!(agent.opened(), vec![pair("ipcache-stale", "10.9.9.6/32")]);
+    let (code, metrics) = http_get(agent.port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains(&format!("kvcheck_change_events_total{{source=\"{source}\"}}")), "{metrics}");
+    // The polling fallback is logged once, not at every re-open.
+    assert_eq!(agent.count("change-events-fallback"), usize::from(source == "poll"));
+}
+
+#[test]
+fn agent_reopens_maps_after_cilium_recreates_them() {
+    if !require_root("agent_reopens_maps_after_cilium_recreates_them") {
+        return;
+    }
+    reopens_maps_after_cilium_recreates_them(&[], "ebpf");
+}
+
+#[test]
+fn agent_polls_when_change_events_are_off_and_says_so_once() {
+    if !require_root("agent_polls_when_change_events_are_off_and_says_so_once") {
+        return;
+    }
+    reopens_maps_after_cilium_recreates_them(&["--no-ebpf", "--poll-interval", "200ms"], "poll");
 }

@@ -156,8 +156,12 @@ impl State {
 async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
     let watcher = KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?;
+    // The layout comes from the maps' contents; then the feed, then the snapshot the check
+    // starts from: a map change made while that is read comes as an event too (applying it
+    // again is harmless), so none falls between the feed's start and the snapshot.
+    let layout = run::read_datapath(&opts.check.datapath).await?.0.layout.layout;
+    let feed = ChangeFeed::open(&opts.check.datapath, layout, &opts.follow)?;
     let (datapath, host) = run::read_datapath(&opts.check.datapath).await?;
-    let feed = ChangeFeed::open(&opts.check.datapath, datapath.layout.layout, &opts.follow)?;
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let config = run::node_config(&opts.check)?;
@@ -234,7 +238,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             state.set_status(live.as_ref());
         }
         let now = Instant::now();
-        let mut wake = [next_resync, next_health, next_pin_check, retry_at.max(now + Duration::from_millis(100))].into_iter().min().unwrap_or(now);
+        let mut wake = [next_resync, next_health, next_pin_check].into_iter().min().unwrap_or(now);
+        if live.is_none() {
+            wake = wake.min(retry_at.max(now + Duration::from_millis(100)));
+        }
         if let Some(d) = dirty_since {
             wake = wake.min(d + opts.debounce);
         }
@@ -269,6 +276,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 },
                 changes = l.feed.next() => match changes {
                     Ok(c) => {
+                        tracing::debug!(event = "datapath-changes", changes = c.len(), "datapath changes");
                         metrics.change_events.get_or_create(&SourceLabel { source: l.feed.source_name().into() }).inc_by(c.len() as u64);
                         l.check.apply_datapath(&c);
                         dirty_since.get_or_insert(Instant::now());

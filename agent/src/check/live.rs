@@ -201,22 +201,16 @@ impl LiveCheck {
             let dp = &mut self.reading.datapath;
             match (&c.old_entry, &c.new_entry) {
                 (Some(Entry::Ipcache(_)), _) | (_, Some(Entry::Ipcache(_))) => {
-                    if let Some(Entry::Ipcache(old)) = &c.old_entry {
-                        self.touched.insert(old.prefix);
-                        let at = if old.cluster_id == 0 {
-                            self.ipcache_at.remove(&old.prefix)
-                        } else {
-                            dp.ipcache.entries.iter().position(|e| e.prefix == old.prefix && e.cluster_id == old.cluster_id)
-                        };
-                        if let Some(i) = at {
-                            dp.ipcache.entries.swap_remove(i);
-                            if let Some(moved) = dp.ipcache.entries.get(i).filter(|e| e.cluster_id == 0) {
-                                self.ipcache_at.insert(moved.prefix, i);
-                            }
+                    // Remove what is held under the old and the new key, then add the new
+                    // entry: an event for a change the last read already saw stays idempotent.
+                    for e in [&c.old_entry, &c.new_entry] {
+                        if let Some(Entry::Ipcache(e)) = e {
+                            self.touched.insert(e.prefix);
+                            self.remove_ipcache(e.prefix, e.cluster_id);
                         }
                     }
+                    let dp = &mut self.reading.datapath;
                     if let Some(Entry::Ipcache(new)) = &c.new_entry {
-                        self.touched.insert(new.prefix);
                         if new.cluster_id == 0 {
                             self.ipcache_at.insert(new.prefix, dp.ipcache.entries.len());
                         }
@@ -225,8 +219,10 @@ impl LiveCheck {
                     recount(&mut dp.ipcache);
                 }
                 (Some(Entry::Endpoint(_)), _) | (_, Some(Entry::Endpoint(_))) => {
-                    if let Some(Entry::Endpoint(old)) = &c.old_entry {
-                        dp.endpoints.entries.retain(|e| !(e.ip == old.ip && e.cluster_id == old.cluster_id));
+                    for e in [&c.old_entry, &c.new_entry] {
+                        if let Some(Entry::Endpoint(e)) = e {
+                            dp.endpoints.entries.retain(|x| !(x.ip == e.ip && x.cluster_id == e.cluster_id));
+                        }
                     }
                     if let Some(Entry::Endpoint(new)) = &c.new_entry {
                         dp.endpoints.entries.push(new.clone());
@@ -238,8 +234,10 @@ impl LiveCheck {
                         self.reread = true;
                         continue;
                     };
-                    if let Some(Entry::Tunnel(old)) = &c.old_entry {
-                        t.entries.retain(|e| !(e.prefix == old.prefix && e.cluster_id == old.cluster_id));
+                    for e in [&c.old_entry, &c.new_entry] {
+                        if let Some(Entry::Tunnel(e)) = e {
+                            t.entries.retain(|x| !(x.prefix == e.prefix && x.cluster_id == e.cluster_id));
+                        }
                     }
                     if let Some(Entry::Tunnel(new)) = &c.new_entry {
                         t.entries.push(new.clone());
@@ -250,6 +248,21 @@ impl LiveCheck {
             }
         }
         self.reading.datapath_read_at = chrono::Utc::now();
+    }
+
+    fn remove_ipcache(&mut self, prefix: IpNet, cluster_id: u16) {
+        let entries = &mut self.reading.datapath.ipcache.entries;
+        let at = if cluster_id == 0 {
+            self.ipcache_at.remove(&prefix)
+        } else {
+            entries.iter().position(|e| e.prefix == prefix && e.cluster_id == cluster_id)
+        };
+        if let Some(i) = at {
+            entries.swap_remove(i);
+            if let Some(moved) = entries.get(i).filter(|e| e.cluster_id == 0) {
+                self.ipcache_at.insert(moved.prefix, i);
+            }
+        }
     }
 
     /// Re-checks what changed since the last re-check (everything the first time).

@@ -193,6 +193,7 @@ pub struct ChangeFeed {
     source: Source,
     /// Why the eBPF program is not in use, if it is not.
     pub fallback_reason: Option<String>,
+    next_poll: Option<tokio::time::Instant>,
 }
 
 /// How to follow.
@@ -216,15 +217,9 @@ impl ChangeFeed {
                 maps.push((MapKind::Tunnel, dir.join(TUNNEL), t));
             }
         }
-        let mut watched = Vec::new();
-        for (kind, path, map) in maps {
-            let raw = map.read_all(opts.strategy)?;
-            let mut mirror = mirror_for(map.meta.key_size, map.meta.value_size);
-            for (k, v) in raw.iter() {
-                mirror.set(k, Some(v));
-            }
-            watched.push(Watched { kind, path, map, mirror });
-        }
+        let mut watched: Vec<Watched> = maps.into_iter().map(|(kind, path, map)| Watched { kind, path, mirror: mirror_for(map.meta.key_size, map.meta.value_size), map }).collect();
+        // Attach before reading the maps: a change made while they are read then comes as an
+        // event (confirmed against the mirror), instead of falling between read and attach.
         let (source, fallback_reason) = if follow.ebpf {
             match Self::attach(&watched) {
                 Ok(s) => (s, None),
@@ -233,7 +228,13 @@ impl ChangeFeed {
         } else {
             (Source::Poll(follow.poll_interval), Some("eBPF change events switched off".to_owned()))
         };
-        Ok(ChangeFeed { layout, maps: watched, source, fallback_reason })
+        for w in &mut watched {
+            let raw = w.map.read_all(opts.strategy)?;
+            for (k, v) in raw.iter() {
+                w.mirror.set(k, Some(v));
+            }
+        }
+        Ok(ChangeFeed { layout, maps: watched, source, fallback_reason, next_poll: None })
     }
 
     #[cfg(kvcheck_ebpf)]
@@ -303,7 +304,11 @@ impl ChangeFeed {
                     out
                 }
                 Source::Poll(interval) => {
-                    tokio::time::sleep(*interval).await;
+                    // A deadline kept across calls: a caller that drops this future (a select
+                    // that woke for something else) does not postpone the next poll.
+                    let due = *self.next_poll.get_or_insert_with(|| tokio::time::Instant::now() + *interval);
+                    tokio::time::sleep_until(due).await;
+                    self.next_poll = Some(tokio::time::Instant::now() + *interval);
                     let mut out = Vec::new();
                     for w in &mut self.maps {
                         out.extend(w.resync(self.layout, "poll")?);
