@@ -103,12 +103,17 @@ pub struct Member {
     /// How to start it again (same name, ports and data dir).
     command: Vec<std::ffi::OsString>,
     pub client_url: String,
-    metrics_port: u16,
+    pub metrics_port: u16,
     data_dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Member {
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

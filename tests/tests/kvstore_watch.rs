@@ -49,6 +49,7 @@ fn watch_with_compaction_and_restart_matches_a_fresh_list() {
         assert_eq!(changes.len(), 2, "{changes:?}");
         assert!(matches!(&changes[0], Change::Put { key, .. } if *key == ip_key("10.6.7.3")));
         assert!(matches!(&changes[1], Change::Delete { key, .. } if *key == ip_key("10.6.7.1")));
+        assert!(w.counts_match().await.unwrap(), "a caught-up mirror holds etcd's key counts");
 
         // A crash and restart of the member: the stream breaks, the next call resumes.
         etcd.kill(0);
@@ -103,6 +104,8 @@ fn compacted_start_revision_relists() {
         etcd.put_all(&[(ip_key("10.6.8.3"), ip_value("10.6.8.3", 301)), (ip_key("10.6.8.2"), ip_value("10.6.8.2", 302))]).unwrap();
         let rev = etcd.revision().unwrap();
         etcd.etcdctl_ok(&["compact", &rev.to_string(), "--physical"]).unwrap();
+        // The mirror's revision is gone: its counts cannot be verified.
+        assert!(!w.counts_match().await.unwrap());
 
         let batch = next_with_timeout(&mut w).await;
         assert!(batch.relisted, "a watch from a compacted revision must relist");
@@ -119,6 +122,7 @@ fn compacted_start_revision_relists() {
         assert_eq!(keys, vec![(ip_key("10.6.8.1"), "delete"), (ip_key("10.6.8.2"), "put"), (ip_key("10.6.8.3"), "put")]);
         let fresh = KvstoreMirror::list(&client, &ListOptions::default()).await.unwrap();
         assert_eq!(w.mirror().keys, fresh.keys);
+        assert!(w.counts_match().await.unwrap());
         // Exactly one copy of each change: nothing is reported twice afterwards.
         etcd.put_all(&[(ip_key("10.6.8.4"), ip_value("10.6.8.4", 304))]).unwrap();
         let next = next_with_timeout(&mut w).await;

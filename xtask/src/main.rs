@@ -269,6 +269,7 @@ fn test(args: &[String]) -> Result<()> {
                 .env("KVCHECK_TEST_ETCDCTL", etcd35_dir().join("etcdctl")),
         )?;
         total.add(again);
+        total.add(bench_smoke());
     }
     println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
     if total.failed > 0 || !total.ok {
@@ -278,6 +279,22 @@ fn test(args: &[String]) -> Result<()> {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+/// `cargo xtask bench` at 1/100 of its sizes (debug build, one run, short windows): proves
+/// the harness works end to end; the figures are not kept. Counted as one test.
+fn bench_smoke() -> Counts {
+    if !is_root() {
+        eprintln!("test: not root: the benchmark smoke run skips");
+        return Counts { ignored: 1, ok: true, ..Counts::default() };
+    }
+    let out = root().join("target/bench-smoke.md");
+    let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--write"];
+    eprintln!("test: benchmark harness at 1/100 of the sizes");
+    let bin = root().join("target/debug");
+    let ok = run(Command::new(bin.join("kvcheck-bench")).env("KVCHECK_BIN", bin.join("kvcheck")).args(args).arg(&out)).is_ok() && out.exists();
+    println!("test bench_smoke ... {}", if ok { "ok" } else { "FAILED" });
+    Counts { passed: u64::from(ok), failed: u64::from(!ok), ignored: 0, ok }
 }
 
 #[derive(Default)]

@@ -365,9 +365,16 @@ async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool) -> Result<(), 
         l.check.set_host(crate::datapath::addresses::read_host_addresses(opts.check.datapath.netns.as_deref()).await?);
     }
     if resync {
-        match crate::kvstore::reader::read_snapshot(l.watcher.etcd(), &opts.check.list).await {
-            Ok(snap) => l.check.replace_kvstore(snap),
-            Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
+        // The kvstore side: count the keys etcd holds at the watch's revision; relist only when
+        // they disagree with what the watch built (a relist per agent per resync would be most
+        // of what kvcheck costs etcd; docs/scale.md).
+        let verified = l.watcher.counts_match().await;
+        if !matches!(verified, Ok(true)) {
+            tracing::info!(event = "kvstore-resync-relist", reason = %verified.map_or_else(|e| e.to_string(), |_| "key counts differ from the watch".to_owned()), "relisting the kvstore");
+            match l.watcher.relist().await {
+                Ok(b) => l.check.apply_kvstore(&b.changes, b.revision),
+                Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
+            }
         }
         match run::node_config(&opts.check) {
             Ok(c) => l.check.set_config(c),

@@ -1,8 +1,10 @@
-//! `cargo xtask bench`: kvcheck's datapath read side by side with a raw batch-lookup loop
-//! (the floor) and `bpftool map dump`, on the same pinned map, in one run.
+//! `cargo xtask bench`: kvcheck side by side with a raw batch-lookup loop (the floor),
+//! `bpftool map dump` and `etcdctl get --prefix`, the full check, the agent idle and under a
+//! stream of changes, the change-event program's overhead, the same at 1/10 and 1/100 of the
+//! sizes (growth), and many agents against one etcd (etcd load); in one run.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -15,6 +17,7 @@ use kvcheck_tests::etcd::EtcdCluster;
 use kvcheck_tests::maps::{BpffsMount, CiliumMaps};
 use kvcheck_tests::simdata::{self, ClusterShape};
 
+#[derive(Clone)]
 struct Args {
     ipcache_entries: u32,
     runs: u32,
@@ -22,7 +25,21 @@ struct Args {
     shape: ClusterShape,
     only: Option<String>,
     idle_seconds: u64,
+    /// Agent under load: changes per second, for how long.
+    agent_rate: u32,
+    agent_seconds: u32,
+    /// Also run the sections at 1/10 and 1/100 of the sizes.
+    growth: bool,
+    /// etcd load: agents, their cluster, window, resync and health intervals (s).
+    agents: u32,
+    load_shape: ClusterShape,
+    load_seconds: u64,
+    load_resync: u64,
+    load_health: u64,
 }
+
+/// Numbers the growth table compares across sizes.
+type Figures = std::collections::BTreeMap<&'static str, f64>;
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
@@ -32,7 +49,16 @@ fn parse_args() -> Result<Args> {
         shape: ClusterShape { nodes: 5_000, ips: 100_000, identities: 10_000 },
         only: None,
         idle_seconds: 60,
+        agent_rate: 1_000,
+        agent_seconds: 10,
+        growth: false,
+        agents: 50,
+        load_shape: ClusterShape { nodes: 500, ips: 10_000, identities: 1_000 },
+        load_seconds: 60,
+        load_resync: 60,
+        load_health: 60,
     };
+    let mut scale = 1.0f64;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -45,10 +71,30 @@ fn parse_args() -> Result<Args> {
             "--identities" => a.shape.identities = value()?.parse()?,
             "--only" => a.only = Some(value()?),
             "--idle-seconds" => a.idle_seconds = value()?.parse()?,
+            "--agent-rate" => a.agent_rate = value()?.parse()?,
+            "--agent-seconds" => a.agent_seconds = value()?.parse()?,
+            "--growth" => a.growth = true,
+            "--agents" => a.agents = value()?.parse()?,
+            "--load-seconds" => a.load_seconds = value()?.parse()?,
+            "--load-resync" => a.load_resync = value()?.parse()?,
+            "--load-health" => a.load_health = value()?.parse()?,
+            "--scale" => scale = value()?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
+    if scale != 1.0 {
+        a = a.scaled(scale);
+    }
     Ok(a)
+}
+
+impl Args {
+    /// Every size multiplied by `f` (at least a handful of each).
+    fn scaled(&self, f: f64) -> Args {
+        let s = |n: u32, min: u32| ((f64::from(n) * f).round() as u32).max(min);
+        let shape = |c: ClusterShape| ClusterShape { nodes: s(c.nodes, 3), ips: s(c.ips, 10), identities: s(c.identities, 3) };
+        Args { ipcache_entries: s(self.ipcache_entries, 100), shape: shape(self.shape), load_shape: shape(self.load_shape), ..self.clone() }
+    }
 }
 
 /// The n-th synthetic ipcache prefix: 90% IPv4 /32 pods, 10% IPv6 /128.
@@ -141,7 +187,7 @@ fn measure(runs: u32, mut make: impl FnMut() -> Command) -> Result<(Duration, i6
     Ok((median(times), rss))
 }
 
-fn datapath_bench(args: &Args) -> Result<String> {
+fn datapath_bench(args: &Args, figs: &mut Figures) -> Result<String> {
     let n = args.ipcache_entries;
     let bpffs = BpffsMount::new()?;
     let layout = Layout::V1_15;
@@ -198,6 +244,12 @@ fn datapath_bench(args: &Args) -> Result<String> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let per100k = |d: Duration| ms(d) * 100_000.0 / f64::from(n);
+    figs.insert("dp_entries", f64::from(n));
+    figs.insert("dp_floor_ms", ms(floor));
+    figs.insert("dp_library_ms", ms(library));
+    figs.insert("dp_cli_ms", ms(cli_json));
+    figs.insert("dp_cli_rss_mib", kvcheck_rss as f64 / 1024.0);
+    figs.insert("dp_bpftool_ms", ms(bpftool));
     let rows = [
         ("raw batch-lookup loop (floor)", floor),
         ("kvcheck library read+decode (batch)", library),
@@ -229,7 +281,7 @@ fn datapath_bench(args: &Args) -> Result<String> {
     Ok(table)
 }
 
-fn kvstore_bench(args: &Args) -> Result<String> {
+fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
     let shape = args.shape;
     let etcd = EtcdCluster::single()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -283,6 +335,11 @@ fn kvstore_bench(args: &Args) -> Result<String> {
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mib = |k: i64| k as f64 / 1024.0;
+    figs.insert("kv_keys", total_keys as f64);
+    figs.insert("kv_cli_ms", ms(cli));
+    figs.insert("kv_cli_rss_mib", mib(cli_rss));
+    figs.insert("kv_etcdctl_ms", ms(etcdctl));
+    figs.insert("kv_etcdctl_rss_mib", mib(etcdctl_rss));
     let mut table = format!(
         "kvstore of {} nodes, {} IP entries, {} identities (+{} value keys), {total_keys} keys; etcd {} on loopback; median of {} runs\n\n",
         shape.nodes, shape.ips, shape.identities, shape.identities, etcd_version(), args.runs
@@ -305,83 +362,160 @@ fn kvstore_bench(args: &Args) -> Result<String> {
 /// A node whose kvstore and datapath are consistent at scale: node-0 of a `shape` cluster,
 /// its ipcache topped up to `ipcache_entries` with local-scope CIDR identities (node-local by
 /// design, so classified and not drift).
-fn check_bench(args: &Args) -> Result<String> {
-    use kvcheck_tests::netns::Netns;
-    let shape = args.shape;
-    // v1.17: health endpoints have no ip/v1 keys (simdata writes none).
-    let layout = Layout::V1_17;
-    let etcd = EtcdCluster::single()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(simdata::load(&etcd.endpoints(), simdata::cluster_pairs(shape)))?;
-    let bpffs = BpffsMount::new()?;
-    // The ipcache sized up (Cilium's size is configurable): 500k entries in the default
-    // 512k map would rightly be reported as map-pressure.
-    let dir = bpffs.globals();
-    let maps = CiliumMaps {
-        ipcache: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::MapShape { max_entries: 1 << 20, ..kvcheck_tests::maps::ipcache_shape(layout) })?,
-        endpoints: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::endpoints_shape(layout, true))?,
-        tunnel: Some(kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::tunnel_shape())?),
-    };
-    let v4 = |s: &str| -> IpAddr { s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) };
-    let mut ipc: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let put = |ipc: &mut Vec<(Vec<u8>, Vec<u8>)>, prefix: IpNet, identity: u32, tunnel: Option<IpAddr>| {
-        ipc.push((encode::ipcache_key(layout, prefix, 0), encode::ipcache_value(layout, IpcacheValue { identity, tunnel_endpoint: tunnel, ..Default::default() })));
-    };
-    put(&mut ipc, "0.0.0.0/0".parse()?, 2, None);
-    for i in 0..shape.nodes {
-        let (a, b) = simdata::pod_cidr_base(i);
-        let node_ip = v4(&simdata::node_ip(i));
-        let local = i == 0;
-        put(&mut ipc, IpNet::from(node_ip), if local { 1 } else { 6 }, None);
-        put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.1"))), if local { 1 } else { 6 }, (!local).then_some(node_ip));
-        put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.2"))), 4, (!local).then_some(node_ip));
-        if !local {
-            if let Some(t) = &maps.tunnel {
-                t.update(&encode::tunnel_key(v4(&format!("10.{a}.{b}.0"))), &encode::tunnel_value(node_ip, 0))?;
+struct BenchNode {
+    // Dropped in this order: maps before their bpffs mount.
+    maps: CiliumMaps,
+    bpffs: BpffsMount,
+    ns: kvcheck_tests::netns::Netns,
+    etcd: EtcdCluster,
+    state: std::path::PathBuf,
+    layout: Layout,
+    shape: ClusterShape,
+    total_ipcache: usize,
+    local_scope: u32,
+    local_pods: usize,
+}
+
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+impl BenchNode {
+    fn build(shape: ClusterShape, ipcache_entries: u32) -> Result<BenchNode> {
+        use kvcheck_tests::netns::Netns;
+        // v1.17: health endpoints have no ip/v1 keys (simdata writes none).
+        let layout = Layout::V1_17;
+        let etcd = EtcdCluster::single()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(simdata::load(&etcd.endpoints(), simdata::cluster_pairs(shape)))?;
+        let bpffs = BpffsMount::new()?;
+        // The ipcache sized up (Cilium's size is configurable): 500k entries in the default
+        // 512k map would rightly be reported as map-pressure.
+        let dir = bpffs.globals();
+        let maps = CiliumMaps {
+            ipcache: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::MapShape { max_entries: 1 << 20, ..kvcheck_tests::maps::ipcache_shape(layout) })?,
+            endpoints: kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::endpoints_shape(layout, true))?,
+            tunnel: Some(kvcheck_tests::maps::WriterMap::create(&dir, kvcheck_tests::maps::tunnel_shape())?),
+        };
+        let mut ipc: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let put = |ipc: &mut Vec<(Vec<u8>, Vec<u8>)>, prefix: IpNet, identity: u32, tunnel: Option<IpAddr>| {
+            ipc.push((encode::ipcache_key(layout, prefix, 0), encode::ipcache_value(layout, IpcacheValue { identity, tunnel_endpoint: tunnel, ..Default::default() })));
+        };
+        put(&mut ipc, "0.0.0.0/0".parse()?, 2, None);
+        for i in 0..shape.nodes {
+            let (a, b) = simdata::pod_cidr_base(i);
+            let node_ip = v4(&simdata::node_ip(i));
+            let local = i == 0;
+            put(&mut ipc, IpNet::from(node_ip), if local { 1 } else { 6 }, None);
+            put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.1"))), if local { 1 } else { 6 }, (!local).then_some(node_ip));
+            put(&mut ipc, IpNet::from(v4(&format!("10.{a}.{b}.2"))), 4, (!local).then_some(node_ip));
+            if !local {
+                if let Some(t) = &maps.tunnel {
+                    t.update(&encode::tunnel_key(v4(&format!("10.{a}.{b}.0"))), &encode::tunnel_value(node_ip, 0))?;
+                }
             }
         }
-    }
-    let mut local_pods = Vec::new();
-    for j in 0..shape.ips {
-        let n = j % shape.nodes;
-        let (a, b) = simdata::pod_cidr_base(n);
-        let ip = v4(&format!("10.{a}.{b}.{}", 3 + j / shape.nodes));
-        let id = 256 + j % shape.identities;
-        put(&mut ipc, IpNet::from(ip), id, (n != 0).then(|| v4(&simdata::node_ip(n))));
-        if n == 0 {
-            local_pods.push((ip, id, j));
+        let mut local_pods = Vec::new();
+        for j in 0..shape.ips {
+            let n = j % shape.nodes;
+            let (a, b) = simdata::pod_cidr_base(n);
+            let ip = v4(&format!("10.{a}.{b}.{}", 3 + j / shape.nodes));
+            let id = 256 + j % shape.identities;
+            put(&mut ipc, IpNet::from(ip), id, (n != 0).then(|| v4(&simdata::node_ip(n))));
+            if n == 0 {
+                local_pods.push((ip, id, j));
+            }
         }
+        let mut k = 0u32;
+        while (ipc.len() as u32) < ipcache_entries {
+            put(&mut ipc, IpNet::from(IpAddr::V4(Ipv4Addr::from(0x6440_0000u32 + k))), 0x0100_0001 + k % 1000, None);
+            k += 1;
+        }
+        let total_ipcache = ipc.len();
+        maps.ipcache.fill(ipc.into_iter(), 4096)?;
+        for ip in [v4(&simdata::node_ip(0)), v4("10.0.0.1")] {
+            maps.endpoints.update(&encode::endpoint_key(ip), &encode::endpoint_value(layout, EndpointValue::host()))?;
+        }
+        maps.endpoints.update(&encode::endpoint_key(v4("10.0.0.2")), &encode::endpoint_value(layout, EndpointValue { ifindex: 2, endpoint_id: 2, identity: 4, ..Default::default() }))?;
+        for (ip, id, j) in &local_pods {
+            maps.endpoints.update(&encode::endpoint_key(*ip), &encode::endpoint_value(layout, EndpointValue { ifindex: 100 + j % 1000, endpoint_id: (j % 60000) as u16, identity: *id, ..Default::default() }))?;
+        }
+        let ns = Netns::new("kvc-bench")?;
+        ns.add_interface("eth0", &[&format!("{}/16", simdata::node_ip(0))])?;
+        ns.add_cilium_host(&["10.0.0.1/32"])?;
+        let state = bpffs.root.with_extension("state");
+        std::fs::create_dir_all(state.join("globals"))?;
+        std::fs::write(state.join("globals/node_config.h"), "#define ENABLE_IPV4 1\n#define TUNNEL_MODE 1\n")?;
+        Ok(BenchNode { maps, bpffs, ns, etcd, state, layout, shape, total_ipcache, local_scope: k, local_pods: local_pods.len() })
     }
-    let mut k = 0u32;
-    while (ipc.len() as u32) < args.ipcache_entries {
-        put(&mut ipc, IpNet::from(IpAddr::V4(Ipv4Addr::from(0x6440_0000u32 + k))), 0x0100_0001 + k % 1000, None);
-        k += 1;
-    }
-    let total_ipcache = ipc.len();
-    maps.ipcache.fill(ipc.into_iter(), 4096)?;
-    for ip in [v4(&simdata::node_ip(0)), v4("10.0.0.1")] {
-        maps.endpoints.update(&encode::endpoint_key(ip), &encode::endpoint_value(layout, EndpointValue::host()))?;
-    }
-    maps.endpoints.update(&encode::endpoint_key(v4("10.0.0.2")), &encode::endpoint_value(layout, EndpointValue { ifindex: 2, endpoint_id: 2, identity: 4, ..Default::default() }))?;
-    for (ip, id, j) in &local_pods {
-        maps.endpoints.update(&encode::endpoint_key(*ip), &encode::endpoint_value(layout, EndpointValue { ifindex: 100 + j % 1000, endpoint_id: (j % 60000) as u16, identity: *id, ..Default::default() }))?;
-    }
-    let ns = Netns::new("kvc-bench")?;
-    ns.add_interface("eth0", &[&format!("{}/16", simdata::node_ip(0))])?;
-    ns.add_cilium_host(&["10.0.0.1/32"])?;
-    let state = bpffs.root.with_extension("state");
-    std::fs::create_dir_all(state.join("globals"))?;
-    std::fs::write(state.join("globals/node_config.h"), "#define ENABLE_IPV4 1\n#define TUNNEL_MODE 1\n")?;
 
-    let bin = kvcheck_bin();
-    let endpoints = etcd.endpoints_arg();
-    let netns = format!("/var/run/netns/{}", ns.name);
-    let root = bpffs.root_str().to_owned();
-    let state_arg = state.display().to_string();
+    /// `kvcheck <sub>` pointed at this node.
+    fn command(&self, sub: &str) -> Command {
+        let mut c = Command::new(kvcheck_bin());
+        c.args([sub, "--bpffs", self.bpffs.root_str(), "--etcd-endpoints", &self.etcd.endpoints_arg(), "--node-name", "node-0"])
+            .args(["--netns", &format!("/var/run/netns/{}", self.ns.name), "--cilium-version", "1.17"])
+            .arg("--cilium-state-dir")
+            .arg(&self.state);
+        c
+    }
+
+    /// Starts `kvcheck agent` on this node and waits until /readyz answers 200.
+    fn start_agent(&self, extra: &[&str], stderr: Stdio) -> Result<Child> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let agent = self.command("agent").args(["--listen", &format!("127.0.0.1:{port}")]).args(extra).stdout(Stdio::null()).stderr(stderr).spawn()?;
+        wait_ready(agent, port, Duration::from_secs(120))
+    }
+}
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Waits for an agent's /readyz; kills it if it does not become ready in time.
+fn wait_ready(mut agent: Child, port: u16, limit: Duration) -> Result<Child> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut s| {
+            use std::io::{Read as _, Write as _};
+            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+            let mut r = String::new();
+            s.read_to_string(&mut r).ok()?;
+            Some(r.contains(" 200 "))
+        });
+        if ok == Some(true) {
+            return Ok(agent);
+        }
+        if Instant::now() > deadline || agent.try_wait()?.is_some() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            bail!("the agent did not become ready within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// CPU time (user + system) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = || -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    };
+    ticks().unwrap_or(0) as f64 / 100.0 // USER_HZ
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let read = || -> Option<u64> { std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok() };
+    read().unwrap_or(0)
+}
+
+fn check_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result<String> {
+    let shape = node.shape;
     let make = || {
-        let mut c = Command::new(&bin);
-        c.args(["check", "--bpffs", &root, "--etcd-endpoints", &endpoints, "--node-name", "node-0", "--netns", &netns])
-            .args(["--cilium-state-dir", &state_arg, "--cilium-version", "1.17", "--settle", "0", "--output", "json"]);
+        let mut c = node.command("check");
+        c.args(["--settle", "0", "--output", "json"]);
         c
     };
     // Exit code 0 = consistent: the bench node must check clean, or the figures mean little.
@@ -394,64 +528,281 @@ fn check_bench(args: &Args) -> Result<String> {
     let (took, rss) = measure(args.runs, make)?;
 
     // The agent on the same node, idle (no changes) for `idle_seconds`: CPU and memory.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut agent = Command::new(&bin)
-        .args(["agent", "--bpffs", &root, "--etcd-endpoints", &endpoints, "--node-name", "node-0", "--netns", &netns])
-        .args(["--cilium-state-dir", &state_arg, "--cilium-version", "1.17", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let ready_deadline = Instant::now() + Duration::from_secs(60);
-    let ready = loop {
-        let ok = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut s| {
-            use std::io::{Read as _, Write as _};
-            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
-            let mut r = String::new();
-            s.read_to_string(&mut r).ok()?;
-            Some(r.contains(" 200 "))
-        });
-        if ok == Some(true) {
-            break true;
-        }
-        if Instant::now() > ready_deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let proc_stat = |pid: u32| -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after = s.rsplit_once(')')?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-    };
-    let status_kib = |pid: u32, field: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
-    };
+    let agent = node.start_agent(&[], Stdio::null())?;
+    let pid = agent.id();
     let idle = Duration::from_secs(args.idle_seconds);
-    let ticks = 100.0; // USER_HZ
-    let (cpu_pct, rss_now, hwm) = if ready {
-        let t0 = proc_stat(agent.id()).unwrap_or(0);
-        std::thread::sleep(idle);
-        let t1 = proc_stat(agent.id()).unwrap_or(0);
-        (
-            (t1 - t0) as f64 / ticks / idle.as_secs_f64() * 100.0,
-            status_kib(agent.id(), "VmRSS:").unwrap_or(0),
-            status_kib(agent.id(), "VmHWM:").unwrap_or(0),
-        )
-    } else {
-        (f64::NAN, 0, 0)
-    };
-    let _ = agent.kill();
-    let _ = agent.wait();
-    if !ready {
-        bail!("the agent did not become ready on the bench node");
-    }
-    let _ = std::fs::remove_dir_all(&state);
+    let c0 = cpu_seconds(pid);
+    std::thread::sleep(idle);
+    let cpu_pct = (cpu_seconds(pid) - c0) / idle.as_secs_f64() * 100.0;
+    let (rss_now, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
+    stop(agent);
+    figs.insert("check_ms", took.as_secs_f64() * 1000.0);
+    figs.insert("check_rss_mib", rss as f64 / 1024.0);
+    figs.insert("idle_rss_mib", rss_now as f64 / 1024.0);
+    figs.insert("idle_cpu_pct", cpu_pct);
     Ok(format!(
-        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {total_ipcache} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n\n`kvcheck agent` on the same node, idle for {} s after it became ready: {:.2} % of a core, RSS {:.1} MiB (peak {:.1} MiB)\n",
-        shape.nodes, shape.ips, shape.identities, k, local_pods.len(), shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0,
+        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n\n`kvcheck agent` on the same node, idle for {} s after it became ready: {:.2} % of a core, RSS {:.1} MiB (peak {:.1} MiB)\n",
+        shape.nodes, shape.ips, shape.identities, node.total_ipcache, node.local_scope, node.local_pods, shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0,
         idle.as_secs(), cpu_pct, rss_now as f64 / 1024.0, hwm as f64 / 1024.0
     ))
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The agent under a steady stream of changes (half ipcache updates, half etcd puts, each one
+/// a new drift), run with a zero grace period: how long from each write to its
+/// `finding-opened` line, and how many changes per second it keeps up with; then a burst of
+/// map changes in one batch, to see the most it handles.
+fn agent_load_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result<String> {
+    use std::io::{BufRead as _, BufReader};
+    let mut agent = node.start_agent(&["--grace", "0s", "--health-interval", "3600s", "--log-format", "json"], Stdio::piped())?;
+    let pid = agent.id();
+    let stderr = agent.stderr.take().context("agent stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !line.contains("finding-opened") {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(subject) = v["subject"].as_str() {
+                if tx.send((subject.to_owned(), Instant::now())).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let client = rt.block_on(etcd_client::Client::connect(node.etcd.endpoints(), None))?;
+    let layout = node.layout;
+    let remote_host = simdata::node_ip(1.min(node.shape.nodes - 1));
+    let total = args.agent_rate * args.agent_seconds;
+    let mut injected: std::collections::HashMap<String, Instant> = std::collections::HashMap::with_capacity(total as usize);
+    let mut reported: std::collections::HashMap<String, Instant> = std::collections::HashMap::with_capacity(total as usize);
+    let drain = |reported: &mut std::collections::HashMap<String, Instant>, wait: Duration| {
+        if let Ok((s, t)) = rx.recv_timeout(wait) {
+            reported.entry(s).or_insert(t);
+        }
+        while let Ok((s, t)) = rx.try_recv() {
+            reported.entry(s).or_insert(t);
+        }
+    };
+    let (t0, c0) = (Instant::now(), cpu_seconds(pid));
+    for i in 0..total {
+        let due = t0 + Duration::from_secs_f64(f64::from(i) / f64::from(args.agent_rate));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if i % 2 == 0 {
+            // A stale ipcache entry (10.250.x.y): ipcache-stale.
+            let prefix = IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0afa_0000u32 + i)));
+            node.maps.ipcache.update(&encode::ipcache_key(layout, prefix, 0), &encode::ipcache_value(layout, IpcacheValue { identity: 1000, ..Default::default() }))?;
+            injected.insert(prefix.to_string(), Instant::now());
+        } else {
+            // A remote pod (10.251.x.y) the ipcache lacks: ipcache-missing.
+            let ip = Ipv4Addr::from(0x0afb_0000u32 + i);
+            let value = format!(r#"{{"IP":"{ip}","Mask":null,"HostIP":"{remote_host}","ID":256,"Key":0}}"#);
+            injected.insert(format!("{ip}/32"), Instant::now());
+            let mut kv = client.kv_client();
+            rt.spawn(async move { kv.put(format!("cilium/state/ip/v1/default/{ip}"), value, None).await });
+        }
+        if i % 64 == 0 {
+            drain(&mut reported, Duration::ZERO);
+        }
+    }
+    let sent = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reported.len() < injected.len() && Instant::now() < deadline {
+        drain(&mut reported, Duration::from_millis(200));
+    }
+    let busy = t0.elapsed();
+    let cpu_pct = (cpu_seconds(pid) - c0) / busy.as_secs_f64() * 100.0;
+    let mut lat: Vec<Duration> = injected.iter().filter_map(|(s, t)| reported.get(s).map(|r| r.saturating_duration_since(*t))).collect();
+    lat.sort();
+    let missed = injected.len() - lat.len();
+    let last = reported.values().max().copied().unwrap_or(t0);
+    let sustained = lat.len() as f64 / last.duration_since(t0).as_secs_f64().max(1e-9);
+
+    // Burst: one batch update of `burst` stale entries.
+    let burst = args.agent_rate * 10;
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut subjects = Vec::new();
+    for i in 0..burst {
+        let prefix = IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0afc_0000u32 + i)));
+        keys.extend(encode::ipcache_key(layout, prefix, 0));
+        values.extend(encode::ipcache_value(layout, IpcacheValue { identity: 1001, ..Default::default() }));
+        subjects.push(prefix.to_string());
+    }
+    let b0 = Instant::now();
+    node.maps.ipcache.update_batch(&keys, &values)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subjects.iter().any(|s| !reported.contains_key(s)) && Instant::now() < deadline {
+        drain(&mut reported, Duration::from_millis(200));
+    }
+    let burst_seen = subjects.iter().filter(|s| reported.contains_key(*s)).count();
+    let burst_took = subjects.iter().filter_map(|s| reported.get(s)).max().map_or(Duration::ZERO, |t| t.duration_since(b0));
+    let rss = status_kib(pid, "VmRSS:");
+    stop(agent);
+    // Put the node back the way it was for whatever runs next.
+    node.maps.ipcache.delete_batch(&keys)?;
+    for i in (0..total).step_by(2) {
+        let _ = node.maps.ipcache.delete(&encode::ipcache_key(layout, IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0afa_0000u32 + i))), 0));
+    }
+    rt.block_on(async {
+        let mut kv = client.kv_client();
+        kv.delete("cilium/state/ip/v1/default/10.251.", Some(etcd_client::DeleteOptions::new().with_prefix())).await
+    })?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (p50, p99, max) = (percentile(&lat, 0.5), percentile(&lat, 0.99), lat.last().copied().unwrap_or_default());
+    figs.insert("agent_p50_ms", ms(p50));
+    figs.insert("agent_p99_ms", ms(p99));
+    figs.insert("agent_burst_per_s", burst_seen as f64 / burst_took.as_secs_f64().max(1e-9));
+    Ok(format!(
+        "`kvcheck agent` (eBPF change events, grace 0) on the node above; a steady stream of {} changes/s for {} s ({} changes: ipcache updates and etcd puts alternating, each a new drift), written in {:.1} s\n\n| what | value |\n|---|---:|\n| change → `finding-opened` p50 | {:.0} ms |\n| change → `finding-opened` p99 | {:.0} ms |\n| change → `finding-opened` max | {:.0} ms |\n| changes reported / not reported within 60 s | {} / {} |\n| sustained changes handled per second | {:.0} |\n| agent CPU while the stream ran | {:.0} % of a core |\n| burst: {burst} ipcache entries in one batch update, all reported after | {:.0} ms ({:.0} changes/s; {} of {burst} seen) |\n| agent RSS after the burst | {:.1} MiB |\n",
+        args.agent_rate, args.agent_seconds, total, sent.as_secs_f64(),
+        ms(p50), ms(p99), ms(max), lat.len(), missed, sustained, cpu_pct,
+        ms(burst_took), burst_seen as f64 / burst_took.as_secs_f64().max(1e-9), burst_seen,
+        rss as f64 / 1024.0
+    ))
+}
+
+/// Many agents against one etcd: what each costs etcd in requests, watch streams and CPU.
+fn etcd_load_bench(args: &Args) -> Result<String> {
+    let shape = args.load_shape;
+    let etcd = EtcdCluster::single()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let pairs = simdata::cluster_pairs(shape);
+    let keys = pairs.len();
+    rt.block_on(simdata::load(&etcd.endpoints(), pairs))?;
+    let bpffs = BpffsMount::new()?;
+    let _maps = CiliumMaps::create(&bpffs, Layout::V1_17)?;
+    let member = &etcd.members[0];
+    let etcd_pid = member.pid().context("etcd pid")?;
+    let metrics_port = member.metrics_port;
+    let resync = format!("{}s", args.load_resync);
+    let health = format!("{}s", args.load_health);
+
+    let before_start = EtcdMetrics::scrape(metrics_port)?;
+    let t_start = Instant::now();
+    let mut agents = Vec::new();
+    for i in 0..args.agents {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(kvcheck_bin())
+            .args(["agent", "--bpffs", bpffs.root_str(), "--etcd-endpoints", &etcd.endpoints_arg(), "--node-name", &format!("node-{}", i % shape.nodes)])
+            .args(["--cilium-version", "1.17", "--no-ebpf", "--poll-interval", "60s", "--resync", &resync, "--health-interval", &health])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        agents.push((child, port));
+    }
+    let mut ready = Vec::new();
+    for (child, port) in agents {
+        ready.push(wait_ready(child, port, Duration::from_secs(300))?);
+    }
+    let startup = t_start.elapsed();
+    let after_start = EtcdMetrics::scrape(metrics_port)?;
+
+    // Steady state: a trickle of kvstore changes (pods coming and going) fanned out to every watch.
+    let window = Duration::from_secs(args.load_seconds);
+    let (c0, a0) = (cpu_seconds(etcd_pid), ready.iter().map(|c| cpu_seconds(c.id())).sum::<f64>());
+    let client = rt.block_on(etcd_client::Client::connect(etcd.endpoints(), None))?;
+    let t0 = Instant::now();
+    let mut writes = 0u32;
+    while t0.elapsed() < window {
+        let ip = Ipv4Addr::from(0x0afd_0000u32 + writes);
+        let host = simdata::node_ip(1 % shape.nodes);
+        let mut kv = client.kv_client();
+        rt.block_on(kv.put(format!("cilium/state/ip/v1/default/{ip}"), format!(r#"{{"IP":"{ip}","Mask":null,"HostIP":"{host}","ID":256,"Key":0}}"#), None))?;
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let etcd_cpu = (cpu_seconds(etcd_pid) - c0) / elapsed * 100.0;
+    let agents_cpu = (ready.iter().map(|c| cpu_seconds(c.id())).sum::<f64>() - a0) / elapsed * 100.0;
+    let after = EtcdMetrics::scrape(metrics_port)?;
+    let agent_rss: u64 = ready.iter().map(|c| status_kib(c.id(), "VmRSS:")).sum();
+    for c in ready {
+        stop(c);
+    }
+
+    let n = f64::from(args.agents);
+    let minutes = elapsed / 60.0;
+    let mut table = format!(
+        "{} agents (`--resync {resync} --health-interval {health}`, polling the maps) against one etcd {} member on loopback holding {keys} keys ({} nodes, {} IP entries, {} identities); {} kvstore puts at 10/s during a {:.0} s window\n\n",
+        args.agents, etcd_version(), shape.nodes, shape.ips, shape.identities, writes, elapsed
+    );
+    table.push_str(&format!(
+        "Start-up: all {} agents listed and checked in {:.1} s; etcd served {} requests for it ({:.1} per agent).\n\n",
+        args.agents, startup.as_secs_f64(), after_start.total() - before_start.total(), (after_start.total() - before_start.total()) / n
+    ));
+    table.push_str("| steady state, per agent | value |\n|---|---:|\n");
+    // kvcheck never writes: Put/Txn/DeleteRange are the bench's own trickle, not the agents'.
+    let reads = |m: &EtcdMetrics| m.by_method.iter().filter(|(k, _)| !WRITES.contains(&k.as_str())).map(|(_, v)| v).sum::<f64>();
+    for (method, count) in after.by_method.iter().filter(|(k, _)| !WRITES.contains(&k.as_str())) {
+        let d = count - after_start.by_method.get(method).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            table.push_str(&format!("| `{method}` requests per minute | {:.2} |\n", d / n / minutes));
+        }
+    }
+    table.push_str(&format!(
+        "| all requests per minute | {:.2} |\n| open watch streams (etcd's gauge / agents) | {:.2} |\n\netcd CPU during the window: {:.1} % of a core ({:.2} % per agent); all agents together: {:.1} % of a core; agents' RSS together {:.0} MiB\n",
+        (reads(&after) - reads(&after_start)) / n / minutes,
+        after.watch_streams / n,
+        etcd_cpu,
+        etcd_cpu / n,
+        agents_cpu,
+        agent_rss as f64 / 1024.0
+    ));
+    Ok(table)
+}
+
+const WRITES: [&str; 4] = ["Put", "Txn", "DeleteRange", "Compact"];
+
+/// The etcd server's own counters (its /metrics endpoint).
+struct EtcdMetrics {
+    /// `grpc_server_started_total` by method (unary calls and streams opened).
+    by_method: std::collections::BTreeMap<String, f64>,
+    watch_streams: f64,
+}
+
+impl EtcdMetrics {
+    fn scrape(port: u16) -> Result<EtcdMetrics> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        let mut m = EtcdMetrics { by_method: Default::default(), watch_streams: 0.0 };
+        for line in body.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            if let Some(labels) = name.strip_prefix("grpc_server_started_total{") {
+                let method = labels.split(',').find_map(|l| l.strip_prefix("grpc_method=")).unwrap_or_default().trim_matches('"');
+                *m.by_method.entry(method.to_owned()).or_default() += value;
+            } else if name == "etcd_debugging_mvcc_watch_stream_total" {
+                m.watch_streams = value;
+            }
+        }
+        anyhow::ensure!(!m.by_method.is_empty(), "etcd's /metrics has no grpc_server_started_total");
+        Ok(m)
+    }
+
+    fn total(&self) -> f64 {
+        self.by_method.values().sum()
+    }
 }
 
 /// The cost of the change-event program to everyone else: 1,000,000 bpf() updates of an
@@ -520,32 +871,85 @@ fn etcd_version() -> String {
         .unwrap_or_default()
 }
 
+/// The sections `--only` selects, at one size; their figures go into `figs`.
+fn run_sections(args: &Args, figs: &mut Figures, with_ebpf: bool) -> Result<String> {
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
+    let mut doc = String::new();
+    let mut section = |title: &str, t: String| {
+        print!("{t}\n");
+        doc.push_str(&format!("## {title}\n\n{t}\n"));
+    };
+    if wanted("datapath") {
+        section("Datapath read", datapath_bench(args, figs)?);
+    }
+    if wanted("kvstore") {
+        section("Kvstore read", kvstore_bench(args, figs)?);
+    }
+    if with_ebpf && wanted("ebpf") {
+        section("Change-event program overhead", ebpf_overhead_bench(args)?);
+    }
+    if wanted("check") || wanted("agent") {
+        let node = BenchNode::build(args.shape, args.ipcache_entries)?;
+        if wanted("check") {
+            section("Full check and idle agent", check_bench(&node, args, figs)?);
+        }
+        if wanted("agent") {
+            section("Agent under a stream of changes", agent_load_bench(&node, args, figs)?);
+        }
+    }
+    Ok(doc)
+}
+
+/// Cost per entry at each size: time and memory should grow linearly.
+fn growth_table(rows: &[(String, Figures)]) -> String {
+    let get = |f: &Figures, k: &str| f.get(k).copied().unwrap_or(f64::NAN);
+    let mut t = String::from("| size | ipcache entries | datapath read ms (µs/entry) | `dump datapath` MiB (B/entry) | kvstore keys | `dump kvstore` ms (µs/key) | `dump kvstore` MiB (B/key) | full check ms | full check MiB | idle agent MiB | agent p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (label, f) in rows {
+        let (n, k) = (get(f, "dp_entries"), get(f, "kv_keys"));
+        t.push_str(&format!(
+            "| {label} | {n:.0} | {:.1} ({:.2}) | {:.1} ({:.0}) | {k:.0} | {:.0} ({:.2}) | {:.1} ({:.0}) | {:.0} | {:.1} | {:.1} | {:.0} |\n",
+            get(f, "dp_library_ms"),
+            get(f, "dp_library_ms") * 1000.0 / n,
+            get(f, "dp_cli_rss_mib"),
+            get(f, "dp_cli_rss_mib") * 1048576.0 / n,
+            get(f, "kv_cli_ms"),
+            get(f, "kv_cli_ms") * 1000.0 / k,
+            get(f, "kv_cli_rss_mib"),
+            get(f, "kv_cli_rss_mib") * 1048576.0 / k,
+            get(f, "check_ms"),
+            get(f, "check_rss_mib"),
+            get(f, "idle_rss_mib"),
+            get(f, "agent_p99_ms"),
+        ));
+    }
+    t
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark creates BPF maps in a private bpffs and starts etcd: run it as root");
     }
-    let mut doc = String::new();
-    if args.only.as_deref().is_none_or(|o| o == "datapath") {
-        let t = datapath_bench(&args)?;
+    let mut figs = Figures::new();
+    let mut doc = run_sections(&args, &mut figs, true)?;
+    if args.growth {
+        let mut rows = vec![("full".to_owned(), figs.clone())];
+        for (label, f) in [("1/10", 0.1), ("1/100", 0.01)] {
+            let small = Args { idle_seconds: args.idle_seconds.min(10), ..args.scaled(f) };
+            let mut figs = Figures::new();
+            eprintln!("bench: growth, {label} of the sizes");
+            run_sections(&small, &mut figs, false)?;
+            rows.push((label.to_owned(), figs));
+        }
+        let t = growth_table(&rows);
         print!("{t}\n");
-        doc.push_str(&format!("## Datapath read\n\n{t}\n"));
+        doc.push_str(&format!("## Growth\n\nThe datapath, kvstore, check and agent sections again at 1/10 and 1/100 of the sizes (same runs; idle agent measured for at most 10 s at the smaller sizes).\n\n{t}\n"));
     }
-    if args.only.as_deref().is_none_or(|o| o == "kvstore") {
-        let t = kvstore_bench(&args)?;
+    if args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x == "etcd-load")) {
+        let t = etcd_load_bench(&args)?;
         print!("{t}\n");
-        doc.push_str(&format!("## Kvstore read\n\n{t}\n"));
-    }
-    if args.only.as_deref().is_none_or(|o| o == "ebpf") {
-        let t = ebpf_overhead_bench(&args)?;
-        print!("{t}\n");
-        doc.push_str(&format!("## Change-event program overhead\n\n{t}\n"));
-    }
-    if args.only.as_deref().is_none_or(|o| o == "check") {
-        let t = check_bench(&args)?;
-        print!("{t}\n");
-        doc.push_str(&format!("## Full check\n\n{t}\n"));
+        doc.push_str(&format!("## etcd load of many agents\n\n{t}\n"));
     }
     if let Some(path) = &args.write {
         let machine = format!(
@@ -557,7 +961,11 @@ fn main() -> Result<()> {
                 .next()
                 .unwrap_or_default()
         );
-        let doc = format!("# kvcheck benchmarks\n\nWritten by `cargo xtask bench` (release build). Machine: {machine}.\n\n{doc}");
+        let doc = format!(
+            "# kvcheck benchmarks\n\nWritten by `cargo xtask bench` (release build) on {}. Machine: {machine}; etcd {}.\n\n{doc}",
+            chrono::Utc::now().format("%Y-%m-%d"),
+            etcd_version()
+        );
         std::fs::write(path, doc).with_context(|| format!("writing {path}"))?;
     }
     Ok(())
