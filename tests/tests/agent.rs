@@ -162,7 +162,18 @@ fn agent_opens_and_resolves_findings_and_serves_probes() {
     let (_, at) = agent.wait_for("finding-resolved", Some("ipcache-stale"), Some("10.9.9.9/32"), Duration::from_secs(5));
     assert!(at - t1 <= Duration::from_millis(1300), "resolved after {:?}", at - t1);
 
-    // A drift in etcd (a malformed value): reported, and the agent goes on.
+    // A drift in etcd (a pod the ipcache lacks): the same bounds.
+    let t0 = Instant::now();
+    node.etcd_put("cilium/state/ip/v1/default/10.2.0.41", &ip_json("10.2.0.41", NODE_B_IP, 1000, "node-b", 41)).unwrap();
+    let (opened, at) = agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.41/32"), Duration::from_secs(10));
+    let took = at - t0;
+    assert!(took >= Duration::from_secs(1) && took <= Duration::from_millis(2000 + 300), "opened after {took:?}: {opened}");
+    let t1 = Instant::now();
+    node.etcd_del("cilium/state/ip/v1/default/10.2.0.41").unwrap();
+    let (_, at) = agent.wait_for("finding-resolved", Some("ipcache-missing"), Some("10.2.0.41/32"), Duration::from_secs(5));
+    assert!(at - t1 <= Duration::from_millis(1300), "resolved after {:?}", at - t1);
+
+    // A malformed value: reported, and the agent goes on.
     node.etcd_put("cilium/state/ip/v1/default/10.2.0.40", "{\"IP\":").unwrap();
     agent.wait_for("finding-opened", Some("kvstore-malformed"), Some("cilium/state/ip/v1/default/10.2.0.40"), Duration::from_secs(10));
     let (code, metrics) = http_get(agent.port, "/metrics").unwrap();

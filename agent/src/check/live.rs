@@ -15,11 +15,12 @@ use ipnet::IpNet;
 
 use super::config::DatapathConfig;
 use super::diff::{self, Finding, Observed};
-use super::expected::{self, NodeContext};
+use super::expected;
 use super::kinds::FindingKind;
 use super::run::{self, Reading};
 use crate::datapath::addresses::HostAddresses;
 use crate::datapath::events::{DatapathChange, Entry};
+use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::reader::{self, KvstoreSnapshot};
 use crate::kvstore::values::{KvMeta, NodeEntry, IP_PREFIX, NODES_PREFIX};
@@ -58,8 +59,10 @@ pub struct LiveCheck {
     reading: Reading,
     /// `ip/v1` key → position in `reading.kvstore.ips`.
     ip_at: HashMap<Box<str>, usize>,
-    /// Cluster-0 ipcache prefix → position in `reading.datapath.ipcache.entries`.
-    ipcache_at: HashMap<IpNet, usize>,
+    /// Ipcache entries changed since `reading.datapath.ipcache.entries` (kept sorted by prefix
+    /// and cluster id, so looked up by binary search) was last merged: `None` = removed. An
+    /// index over 500k entries would cost ~35 MB; this costs what changed.
+    ipcache_changes: HashMap<(IpNet, u16), Option<IpcacheEntry>>,
     touched: HashSet<IpNet>,
     full: bool,
     reread: bool,
@@ -72,9 +75,9 @@ impl LiveCheck {
         let mut live = LiveCheck {
             node_name: node_name.to_owned(),
             cluster: cluster.to_owned(),
-            config, reading, ip_at: HashMap::new(), ipcache_at: HashMap::new(), touched: HashSet::new(), full: true, reread: false };
+            config, reading, ip_at: HashMap::new(), ipcache_changes: HashMap::new(), touched: HashSet::new(), full: true, reread: false };
         live.index_kvstore();
-        live.index_ipcache();
+        live.sort_ipcache();
         live
     }
 
@@ -82,9 +85,43 @@ impl LiveCheck {
         self.ip_at = self.reading.kvstore.ips.iter().enumerate().map(|(i, e)| (Box::from(e.meta.key.as_str()), i)).collect();
     }
 
-    fn index_ipcache(&mut self) {
-        let entries = &self.reading.datapath.ipcache.entries;
-        self.ipcache_at = entries.iter().enumerate().filter(|(_, e)| e.cluster_id == 0).map(|(i, e)| (e.prefix, i)).collect();
+    fn sort_ipcache(&mut self) {
+        self.reading.datapath.ipcache.entries.sort_unstable_by_key(|e| (e.prefix, e.cluster_id));
+        self.ipcache_changes.clear();
+    }
+
+    /// The ipcache entry for `key` as the map holds it now.
+    fn ipcache_entry(&self, key: &(IpNet, u16)) -> Option<&IpcacheEntry> {
+        match self.ipcache_changes.get(key) {
+            Some(changed) => changed.as_ref(),
+            None => {
+                let entries = &self.reading.datapath.ipcache.entries;
+                entries.binary_search_by(|e| (e.prefix, e.cluster_id).cmp(key)).ok().map(|i| &entries[i])
+            }
+        }
+    }
+
+    fn set_ipcache_entry(&mut self, key: (IpNet, u16), entry: Option<IpcacheEntry>) {
+        let existed = self.ipcache_entry(&key).is_some();
+        let dump = &mut self.reading.datapath.ipcache;
+        dump.entry_count = (dump.entry_count + usize::from(entry.is_some())).saturating_sub(usize::from(existed));
+        fill(dump);
+        self.ipcache_changes.insert(key, entry);
+        if self.ipcache_changes.len() > MAX_IPCACHE_CHANGES {
+            self.merge_ipcache_changes();
+        }
+    }
+
+    /// Folds the changed entries into the sorted list (before a full check reads it).
+    fn merge_ipcache_changes(&mut self) {
+        if self.ipcache_changes.is_empty() {
+            return;
+        }
+        let entries = &mut self.reading.datapath.ipcache.entries;
+        let mut changed = std::mem::take(&mut self.ipcache_changes);
+        entries.retain(|e| !changed.contains_key(&(e.prefix, e.cluster_id)));
+        entries.extend(changed.drain().filter_map(|(_, e)| e));
+        entries.sort_unstable_by_key(|e| (e.prefix, e.cluster_id));
     }
 
     pub fn reading(&self) -> &Reading {
@@ -106,7 +143,7 @@ impl LiveCheck {
         self.reading.datapath = datapath;
         self.reading.host = host;
         self.reading.datapath_read_at = chrono::Utc::now();
-        self.index_ipcache();
+        self.sort_ipcache();
         self.full = true;
         self.reread = false;
     }
@@ -203,20 +240,14 @@ impl LiveCheck {
                 (Some(Entry::Ipcache(_)), _) | (_, Some(Entry::Ipcache(_))) => {
                     // Remove what is held under the old and the new key, then add the new
                     // entry: an event for a change the last read already saw stays idempotent.
-                    for e in [&c.old_entry, &c.new_entry] {
-                        if let Some(Entry::Ipcache(e)) = e {
-                            self.touched.insert(e.prefix);
-                            self.remove_ipcache(e.prefix, e.cluster_id);
-                        }
+                    if let Some(Entry::Ipcache(old)) = &c.old_entry {
+                        self.touched.insert(old.prefix);
+                        self.set_ipcache_entry((old.prefix, old.cluster_id), None);
                     }
-                    let dp = &mut self.reading.datapath;
                     if let Some(Entry::Ipcache(new)) = &c.new_entry {
-                        if new.cluster_id == 0 {
-                            self.ipcache_at.insert(new.prefix, dp.ipcache.entries.len());
-                        }
-                        dp.ipcache.entries.push(new.clone());
+                        self.touched.insert(new.prefix);
+                        self.set_ipcache_entry((new.prefix, new.cluster_id), Some(new.clone()));
                     }
-                    recount(&mut dp.ipcache);
                 }
                 (Some(Entry::Endpoint(_)), _) | (_, Some(Entry::Endpoint(_))) => {
                     for e in [&c.old_entry, &c.new_entry] {
@@ -250,19 +281,10 @@ impl LiveCheck {
         self.reading.datapath_read_at = chrono::Utc::now();
     }
 
-    fn remove_ipcache(&mut self, prefix: IpNet, cluster_id: u16) {
-        let entries = &mut self.reading.datapath.ipcache.entries;
-        let at = if cluster_id == 0 {
-            self.ipcache_at.remove(&prefix)
-        } else {
-            entries.iter().position(|e| e.prefix == prefix && e.cluster_id == cluster_id)
-        };
-        if let Some(i) = at {
-            entries.swap_remove(i);
-            if let Some(moved) = entries.get(i).filter(|e| e.cluster_id == 0) {
-                self.ipcache_at.insert(moved.prefix, i);
-            }
-        }
+    /// A full re-check now (merging the changed map entries first).
+    pub fn recheck_all(&mut self) -> Recheck {
+        self.full = true;
+        self.recheck()
     }
 
     /// Re-checks what changed since the last re-check (everything the first time).
@@ -270,10 +292,14 @@ impl LiveCheck {
         self.reading.kvstore_read_at = chrono::Utc::now();
         let ctx = run::context(&self.node_name, &self.cluster, self.config.clone(), &self.reading);
         let out = if self.full {
+            self.merge_ipcache_changes();
             let (findings, _) = run::evaluate(&ctx, &self.reading);
             Recheck { findings, scope: Scope::Full }
         } else {
-            let findings = scoped(&ctx, &self.reading, &self.touched, &self.ipcache_at);
+            let exp = expected::derive_scoped(&self.reading.kvstore, &ctx, &self.touched);
+            let r = &self.reading;
+            let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
+            let findings = diff::diff_scoped(&exp, &ctx, &obs, self.touched.iter(), |p| self.ipcache_entry(&(*p, 0)));
             Recheck { findings, scope: Scope::Prefixes(self.touched.iter().map(ToString::to_string).collect()) }
         };
         self.touched.clear();
@@ -282,15 +308,15 @@ impl LiveCheck {
     }
 }
 
-fn scoped(ctx: &NodeContext, r: &Reading, prefixes: &HashSet<IpNet>, ipcache_at: &HashMap<IpNet, usize>) -> Vec<Finding> {
-    let exp = expected::derive_scoped(&r.kvstore, ctx, prefixes);
-    let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
-    let entries = &r.datapath.ipcache.entries;
-    diff::diff_scoped(&exp, ctx, &obs, prefixes.iter(), |p| ipcache_at.get(p).map(|i| &entries[*i]))
-}
+/// Changed ipcache entries kept aside before they are merged into the sorted list.
+const MAX_IPCACHE_CHANGES: usize = 65_536;
 
 fn recount<T>(dump: &mut MapDump<T>) {
     dump.entry_count = dump.entries.len() + dump.undecodable.len();
+    fill(dump);
+}
+
+fn fill<T>(dump: &mut MapDump<T>) {
     dump.fill_ratio = if dump.meta.max_entries == 0 { 0.0 } else { dump.entry_count as f64 / f64::from(dump.meta.max_entries) };
 }
 

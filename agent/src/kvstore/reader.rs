@@ -64,7 +64,11 @@ pub struct NodeFilter {
 
 impl NodeFilter {
     fn keeps_ip(&self, e: &IpEntry) -> bool {
-        e.host_ip.is_some_and(|h| self.addresses.contains(&h))
+        self.keeps_host(e.host_ip)
+    }
+
+    fn keeps_host(&self, host_ip: Option<std::net::IpAddr>) -> bool {
+        host_ip.is_some_and(|h| self.addresses.contains(&h))
     }
 
     fn keeps_reference(&self, r: &IdentityReference) -> bool {
@@ -291,7 +295,16 @@ async fn read_snapshot_filtered(etcd: &Etcd, opts: &ListOptions, node: Option<(&
         async move {
             let mut part = KvstoreSnapshot::default();
             list_prefix(etcd, prefix, Some(revision), opts.page_size, |page| {
-                decode_raw_into(&mut part, page.iter().map(|kv| (meta(kv), kv.value())), filter);
+                // A node's view: the entries it does not keep are only validated and counted.
+                let skipped = |kv: &&etcd_client::KeyValue| {
+                    let Some(f) = filter.filter(|_| prefix == values::IP_PREFIX) else { return false };
+                    let host = std::str::from_utf8(kv.key()).ok().and_then(|key| values::valid_ip_host(key, kv.value()));
+                    host.is_some_and(|h| !f.keeps_host(h))
+                };
+                let before = page.len();
+                let rest: Vec<&etcd_client::KeyValue> = page.iter().filter(|kv| !skipped(kv)).collect();
+                part.counts.ips += before - rest.len();
+                decode_raw_into(&mut part, rest.into_iter().map(|kv| (meta(kv), kv.value())), filter);
             })
             .await?;
             Ok::<_, KvstoreError>(part)

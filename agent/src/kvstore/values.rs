@@ -258,12 +258,12 @@ struct IpJson<'a> {
     id: u32,
     #[serde(rename = "Key", default)]
     key: Option<u8>,
-    #[serde(rename = "Metadata", default)]
-    metadata: Option<String>,
-    #[serde(rename = "K8sNamespace", default)]
-    k8s_namespace: Option<String>,
-    #[serde(rename = "K8sPodName", default)]
-    k8s_pod_name: Option<String>,
+    #[serde(rename = "Metadata", default, borrow)]
+    metadata: Option<Cow<'a, str>>,
+    #[serde(rename = "K8sNamespace", default, borrow)]
+    k8s_namespace: Option<Cow<'a, str>>,
+    #[serde(rename = "K8sPodName", default, borrow)]
+    k8s_pod_name: Option<Cow<'a, str>>,
 }
 
 /// The prefix a key names: `<ip>` or `<ip>/<bits>` after `cilium/state/ip/v1/<space>/`.
@@ -277,28 +277,42 @@ fn ip_key_prefix(key: &str) -> Result<IpNet, String> {
     }
 }
 
-pub fn decode_ip(meta: KvMeta, value: &[u8]) -> Result<IpEntry, Malformed> {
-    let fail = |reason: String| Malformed::new(meta.clone(), value, reason);
-    let key_prefix = ip_key_prefix(&meta.key).map_err(&fail)?;
-    let j: IpJson = serde_json::from_slice(value).map_err(|e| fail(format!("IPIdentityPair JSON: {e}")))?;
-    let ip = parse_ip(&j.ip, "IP").map_err(&fail)?;
+/// Parses and validates an `ip/v1` value against its key, allocating nothing for the strings.
+fn parse_ip_value<'a>(key: &str, value: &'a [u8]) -> Result<(IpNet, Option<IpAddr>, IpJson<'a>), String> {
+    let key_prefix = ip_key_prefix(key)?;
+    let j: IpJson = serde_json::from_slice(value).map_err(|e| format!("IPIdentityPair JSON: {e}"))?;
+    let ip = parse_ip(&j.ip, "IP")?;
     let prefix = match j.mask.as_deref() {
         None => IpNet::from(ip),
-        Some(m) => IpNet::new(ip, mask_bits(m).map_err(&fail)?).map_err(|e| fail(e.to_string()))?,
+        Some(m) => IpNet::new(ip, mask_bits(m)?).map_err(|e| e.to_string())?,
     };
     if prefix != key_prefix {
-        return Err(fail(format!("value is for {prefix} but the key names {key_prefix}")));
+        return Err(format!("value is for {prefix} but the key names {key_prefix}"));
     }
+    let host_ip = optional_ip(j.host_ip.as_deref(), "HostIP")?;
+    Ok((prefix, host_ip, j))
+}
+
+pub fn decode_ip(meta: KvMeta, value: &[u8]) -> Result<IpEntry, Malformed> {
+    let (prefix, host_ip, j) = parse_ip_value(&meta.key, value).map_err(|reason| Malformed::new(meta.clone(), value, reason))?;
+    let owned = |s: Option<Cow<'_, str>>| s.filter(|s| !s.is_empty()).map(Cow::into_owned);
     Ok(IpEntry {
         prefix,
-        host_ip: optional_ip(j.host_ip.as_deref(), "HostIP").map_err(&fail)?,
+        host_ip,
         identity: j.id,
         encrypt_key: j.key.unwrap_or(0),
-        metadata: j.metadata.unwrap_or_default(),
-        k8s_namespace: j.k8s_namespace.filter(|s| !s.is_empty()),
-        k8s_pod_name: j.k8s_pod_name.filter(|s| !s.is_empty()),
+        metadata: j.metadata.map(Cow::into_owned).unwrap_or_default(),
+        k8s_namespace: owned(j.k8s_namespace),
+        k8s_pod_name: owned(j.k8s_pod_name),
         meta,
     })
+}
+
+/// The host IP of a valid `ip/v1` value, without building the entry: a node's view keeps a
+/// handful of the ~100k entries, and needs only to know the rest are valid. `None` when the
+/// value is malformed (decode it with [`decode_ip`] for the reason).
+pub fn valid_ip_host(key: &str, value: &[u8]) -> Option<Option<IpAddr>> {
+    parse_ip_value(key, value).ok().map(|(_, host, _)| host)
 }
 
 // ---------- identities ----------
