@@ -75,7 +75,14 @@ impl LiveCheck {
         let mut live = LiveCheck {
             node_name: node_name.to_owned(),
             cluster: cluster.to_owned(),
-            config, reading, ip_at: HashMap::new(), ipcache_changes: HashMap::new(), touched: HashSet::new(), full: true, reread: false };
+            config,
+            reading,
+            ip_at: HashMap::new(),
+            ipcache_changes: HashMap::new(),
+            touched: HashSet::new(),
+            full: true,
+            reread: false,
+        };
         live.index_kvstore();
         live.sort_ipcache();
         live

