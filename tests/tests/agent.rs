@@ -100,6 +100,20 @@ impl Agent {
         }
     }
 
+    /// Injects a drift, expects it opened within 1 s of the 1 s grace period ending; repairs
+    /// it, expects it resolved within 1 s.
+    fn opens_and_resolves(&self, kind: &str, subject: &str, inject: impl FnOnce(), repair: impl FnOnce()) {
+        let t0 = Instant::now();
+        inject();
+        let (opened, at) = self.wait_for("finding-opened", Some(kind), Some(subject), Duration::from_secs(10));
+        let took = at - t0;
+        assert!(took >= Duration::from_secs(1) && took <= Duration::from_millis(2000 + 300), "opened after {took:?}: {opened}");
+        let t1 = Instant::now();
+        repair();
+        let (_, at) = self.wait_for("finding-resolved", Some(kind), Some(subject), Duration::from_secs(5));
+        assert!(at - t1 <= Duration::from_millis(1300), "{kind} {subject} resolved after {:?}", at - t1);
+    }
+
     fn readyz(&self) -> Option<u16> {
         http_get(self.port, "/readyz").map(|(c, _)| c)
     }
@@ -150,28 +164,13 @@ fn agent_opens_and_resolves_findings_and_serves_probes() {
     assert_eq!(health["status"], "ok", "{health}");
     assert!(health["etcd"].as_str().unwrap().starts_with("etcd: 1/1 connected"));
 
-    // A drift in the map: opened within 1 s of the grace period (1 s) ending.
-    let t0 = Instant::now();
-    node.ipcache_put("10.9.9.9/32", IpcacheValue { identity: 1000, tunnel_endpoint: Some(NODE_B_IP.parse().unwrap()), ..Default::default() }).unwrap();
-    let (opened, at) = agent.wait_for("finding-opened", Some("ipcache-stale"), Some("10.9.9.9/32"), Duration::from_secs(10));
-    let took = at - t0;
-    assert!(took >= Duration::from_secs(1) && took <= Duration::from_millis(2000 + 300), "opened after {took:?}: {opened}");
-    // Repair: resolved within 1 s.
-    let t1 = Instant::now();
-    node.ipcache_delete("10.9.9.9/32").unwrap();
-    let (_, at) = agent.wait_for("finding-resolved", Some("ipcache-stale"), Some("10.9.9.9/32"), Duration::from_secs(5));
-    assert!(at - t1 <= Duration::from_millis(1300), "resolved after {:?}", at - t1);
-
-    // A drift in etcd (a pod the ipcache lacks): the same bounds.
-    let t0 = Instant::now();
-    node.etcd_put("cilium/state/ip/v1/default/10.2.0.41", &ip_json("10.2.0.41", NODE_B_IP, 1000, "node-b", 41)).unwrap();
-    let (opened, at) = agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.41/32"), Duration::from_secs(10));
-    let took = at - t0;
-    assert!(took >= Duration::from_secs(1) && took <= Duration::from_millis(2000 + 300), "opened after {took:?}: {opened}");
-    let t1 = Instant::now();
-    node.etcd_del("cilium/state/ip/v1/default/10.2.0.41").unwrap();
-    let (_, at) = agent.wait_for("finding-resolved", Some("ipcache-missing"), Some("10.2.0.41/32"), Duration::from_secs(5));
-    assert!(at - t1 <= Duration::from_millis(1300), "resolved after {:?}", at - t1);
+    // A drift in the map, then one in etcd (a pod the ipcache lacks): each opened within 1 s of
+    // the grace period (1 s) ending, and resolved within 1 s of the repair.
+    let stale = IpcacheValue { identity: 1000, tunnel_endpoint: Some(NODE_B_IP.parse().unwrap()), ..Default::default() };
+    agent.opens_and_resolves("ipcache-stale", "10.9.9.9/32", || node.ipcache_put("10.9.9.9/32", stale).unwrap(), || node.ipcache_delete("10.9.9.9/32").unwrap());
+    let key = "cilium/state/ip/v1/default/10.2.0.41";
+    let pod = ip_json("10.2.0.41", NODE_B_IP, 1000, "node-b", 41);
+    agent.opens_and_resolves("ipcache-missing", "10.2.0.41/32", || node.etcd_put(key, &pod).unwrap(), || node.etcd_del(key).unwrap());
 
     // A malformed value: reported, and the agent goes on.
     node.etcd_put("cilium/state/ip/v1/default/10.2.0.40", "{\"IP\":").unwrap();

@@ -123,13 +123,24 @@ pub fn derive(snap: &KvstoreSnapshot, ctx: &NodeContext) -> ExpectedState {
 /// map) is derived in full; the ~100k `ip/v1` entries are only filtered, not turned into
 /// expectations.
 pub fn derive_scoped(snap: &KvstoreSnapshot, ctx: &NodeContext, prefixes: &HashSet<IpNet>) -> ExpectedState {
-    let own = own_node(snap, ctx);
-    let hosts: BTreeSet<IpAddr> = match own {
+    let hosts = node_addresses(snap, ctx);
+    let ips = snap.ips.iter().filter(|e| prefixes.contains(&e.prefix) || e.host_ip.is_some_and(|h| hosts.contains(&h)));
+    derive_for(snap, ctx, prefixes, ips)
+}
+
+/// [`derive_scoped`] when the caller already knows the `ip/v1` entries that matter: those of
+/// `prefixes` and every entry hosted on this node (see [`node_addresses`]).
+pub fn derive_for<'a>(snap: &KvstoreSnapshot, ctx: &NodeContext, prefixes: &HashSet<IpNet>, ips: impl Iterator<Item = &'a IpEntry>) -> ExpectedState {
+    derive_in(snap, ips, ctx, &|p| prefixes.contains(p))
+}
+
+/// The addresses that make an `ip/v1` entry's HostIP this node: the node entry's addresses, or
+/// the local interface addresses when there is no node entry.
+pub fn node_addresses(snap: &KvstoreSnapshot, ctx: &NodeContext) -> BTreeSet<IpAddr> {
+    match own_node(snap, ctx) {
         Some(n) => n.addresses.iter().map(|a| a.ip).collect(),
         None => ctx.local_addresses.clone(),
-    };
-    let ips = snap.ips.iter().filter(|e| prefixes.contains(&e.prefix) || e.host_ip.is_some_and(|h| hosts.contains(&h)));
-    derive_in(snap, ips, ctx, &|p| prefixes.contains(p))
+    }
 }
 
 fn own_node<'a>(snap: &'a KvstoreSnapshot, ctx: &NodeContext) -> Option<&'a NodeEntry> {

@@ -59,6 +59,14 @@ pub struct LiveCheck {
     reading: Reading,
     /// `ip/v1` key → position in `reading.kvstore.ips`.
     ip_at: HashMap<Box<str>, usize>,
+    /// Keys of the `ip/v1` entries hosted on this node (HostIP in `hosts`), as of the last full
+    /// re-check and the changes since: a scoped re-check derives from these and the touched
+    /// prefixes' entries instead of filtering all ~100k.
+    hosted: HashSet<Box<str>>,
+    hosts: std::collections::BTreeSet<std::net::IpAddr>,
+    /// `ip/v1` keys outside Cilium's one address space (`default`): their key cannot be found
+    /// from the prefix, so scoped re-checks filter all entries while there are any.
+    other_spaces: usize,
     /// Ipcache entries changed since `reading.datapath.ipcache.entries` (kept sorted by prefix
     /// and cluster id, so looked up by binary search) was last merged: `None` = removed. An
     /// index over 500k entries would cost ~35 MB; this costs what changed.
@@ -78,6 +86,9 @@ impl LiveCheck {
             config,
             reading,
             ip_at: HashMap::new(),
+            hosted: HashSet::new(),
+            hosts: Default::default(),
+            other_spaces: 0,
             ipcache_changes: HashMap::new(),
             touched: HashSet::new(),
             full: true,
@@ -89,7 +100,9 @@ impl LiveCheck {
     }
 
     fn index_kvstore(&mut self) {
-        self.ip_at = self.reading.kvstore.ips.iter().enumerate().map(|(i, e)| (Box::from(e.meta.key.as_str()), i)).collect();
+        let ips = &self.reading.kvstore.ips;
+        self.ip_at = ips.iter().enumerate().map(|(i, e)| (Box::from(e.meta.key.as_str()), i)).collect();
+        self.other_spaces = ips.iter().filter(|e| !e.meta.key.starts_with(DEFAULT_SPACE)).count();
     }
 
     fn sort_ipcache(&mut self) {
@@ -193,8 +206,12 @@ impl LiveCheck {
                 let snap = &mut self.reading.kvstore;
                 let before = snap.ips.len();
                 reader::decode_raw_into(snap, std::iter::once((meta, value.as_bytes())), None);
-                if snap.ips.len() > before {
+                if let Some(e) = snap.ips.get(before) {
                     self.ip_at.insert(Box::from(key.as_str()), before);
+                    if e.host_ip.is_some_and(|h| self.hosts.contains(&h)) {
+                        self.hosted.insert(Box::from(key.as_str()));
+                    }
+                    self.other_spaces += usize::from(!key.starts_with(DEFAULT_SPACE));
                 }
                 self.touch_key(key);
             }
@@ -224,6 +241,8 @@ impl LiveCheck {
         let snap = &mut self.reading.kvstore;
         if key.starts_with(IP_PREFIX) {
             if let Some(i) = self.ip_at.remove(key) {
+                self.hosted.remove(key);
+                self.other_spaces -= usize::from(!key.starts_with(DEFAULT_SPACE));
                 snap.ips.swap_remove(i);
                 if let Some(moved) = snap.ips.get(i) {
                     self.ip_at.insert(Box::from(moved.meta.key.as_str()), i);
@@ -300,10 +319,20 @@ impl LiveCheck {
         let ctx = run::context(&self.node_name, &self.cluster, self.config.clone(), &self.reading);
         let out = if self.full {
             self.merge_ipcache_changes();
+            let kv = &self.reading.kvstore;
+            self.hosts = expected::node_addresses(kv, &ctx);
+            self.hosted = kv.ips.iter().filter(|e| e.host_ip.is_some_and(|h| self.hosts.contains(&h))).map(|e| Box::from(e.meta.key.as_str())).collect();
             let (findings, _) = run::evaluate(&ctx, &self.reading);
             Recheck { findings, scope: Scope::Full }
         } else {
-            let exp = expected::derive_scoped(&self.reading.kvstore, &ctx, &self.touched);
+            let kv = &self.reading.kvstore;
+            let exp = if self.other_spaces > 0 {
+                expected::derive_scoped(kv, &ctx, &self.touched)
+            } else {
+                let touched = self.touched.iter().filter_map(|p| self.ip_at.get(diff::ip_key(p).as_str()));
+                let at: std::collections::BTreeSet<usize> = touched.chain(self.hosted.iter().filter_map(|k| self.ip_at.get(k))).copied().collect();
+                expected::derive_for(kv, &ctx, &self.touched, at.into_iter().map(|i| &kv.ips[i]))
+            };
             let r = &self.reading;
             let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
             let findings = diff::diff_scoped(&exp, &ctx, &obs, self.touched.iter(), |p| self.ipcache_entry(&(*p, 0)));
@@ -314,6 +343,9 @@ impl LiveCheck {
         out
     }
 }
+
+/// The `ip/v1` address space Cilium writes every entry in.
+const DEFAULT_SPACE: &str = "cilium/state/ip/v1/default/";
 
 /// Changed ipcache entries kept aside before they are merged into the sorted list.
 const MAX_IPCACHE_CHANGES: usize = 65_536;

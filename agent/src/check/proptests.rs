@@ -205,6 +205,8 @@ enum Mutation {
     ChangeTunnel(usize),
     AddStale(u8),
     DropIpEntry(usize),
+    /// A pod's identity changed in the kvstore only.
+    ChangeIpEntryIdentity(usize, u32),
 }
 
 fn apply(w: &mut World, m: &Mutation) -> Option<String> {
@@ -242,6 +244,12 @@ fn apply(w: &mut World, m: &Mutation) -> Option<String> {
             let e = w.kv.ips.remove(i % n);
             Some(e.prefix.addr().to_string())
         }
+        Mutation::ChangeIpEntryIdentity(i, id) => {
+            let n = w.kv.ips.len();
+            let e = w.kv.ips.get_mut(i % n.max(1))?;
+            e.identity = if e.identity == *id { id + 1 } else { *id };
+            Some(e.prefix.addr().to_string())
+        }
     }
 }
 
@@ -256,6 +264,7 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::ChangeTunnel),
         any::<u8>().prop_map(Mutation::AddStale),
         any::<usize>().prop_map(Mutation::DropIpEntry),
+        (any::<usize>(), 1000u32..1008).prop_map(|(i, id)| Mutation::ChangeIpEntryIdentity(i, id)),
     ]
 }
 
@@ -276,7 +285,10 @@ proptest! {
         let by_kind: BTreeMap<_, _> = f.iter().map(|x| (x.kind, x.subject.clone())).collect();
         for x in &f {
             let about_ip = x.subject.split('/').next() == Some(subject_ip.as_str());
-            let identity_side_effect = matches!(x.kind, super::kinds::FindingKind::IdentityReferenceLeaked | super::kinds::FindingKind::IdentityReferenceMissing);
+            let identity_side_effect = matches!(
+                x.kind,
+                super::kinds::FindingKind::IdentityReferenceLeaked | super::kinds::FindingKind::IdentityReferenceMissing | super::kinds::FindingKind::IdentityMissing
+            );
             prop_assert!(about_ip || identity_side_effect, "mutation {:?} on {} also reported {:?}", m, subject_ip, by_kind);
         }
     }
