@@ -75,3 +75,29 @@ impl Tracker {
         self.pending.values().map(|(t, _)| *t + grace).min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(kind: FindingKind, subject: &str) -> Finding {
+        Finding::new(kind, subject, "test")
+    }
+
+    #[test]
+    fn a_partial_check_resolves_only_what_it_covered() {
+        let (t0, grace) = (Instant::now(), Duration::from_secs(1));
+        let mut tr = Tracker::default();
+        let both = vec![finding(FindingKind::IpcacheStale, "10.0.0.1/32"), finding(FindingKind::IpcacheStale, "10.0.0.2/32")];
+        assert!(tr.observe(both, t0, grace).is_empty(), "nothing opens before the grace period");
+        assert_eq!(tr.promote(t0 + grace, grace).len(), 2);
+        // A check that looked at 10.0.0.1/32 only, and found it gone.
+        let covered = |id: &Id| id.1 == "10.0.0.1/32";
+        let t = tr.observe_where(Vec::new(), covered, t0 + grace, grace);
+        assert!(matches!(&t[..], [Transition::Resolved(f)] if f.subject == "10.0.0.1/32"), "{t:?}");
+        assert_eq!(tr.open().map(|f| f.subject.as_str()).collect::<Vec<_>>(), ["10.0.0.2/32"]);
+        // A full check without it resolves the other.
+        assert_eq!(tr.observe(Vec::new(), t0 + grace, grace).len(), 1);
+        assert_eq!(tr.open().count(), 0);
+    }
+}

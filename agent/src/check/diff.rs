@@ -43,7 +43,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn new(kind: FindingKind, subject: impl Into<String>, message: impl Into<String>) -> Finding {
+    pub fn new(kind: FindingKind, subject: impl Into<String>, message: impl Into<String>) -> Finding {
         Finding {
             kind,
             subject: subject.into(),
