@@ -121,11 +121,11 @@ fn time_runs(runs: u32, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
     Ok(median(times))
 }
 
-/// The floor: batch lookups into one buffer, nothing decoded.
-fn raw_batch_loop(path: &std::path::Path) -> Result<usize> {
+/// The floor: batch lookups into one buffer, nothing decoded (`ks`/`vs`: key and value sizes).
+fn raw_batch_loop(path: &std::path::Path, ks: usize, vs: usize) -> Result<usize> {
     let fd = sys::obj_get_readonly(path)?;
     use std::os::fd::AsFd;
-    let (ks, vs, chunk) = (24usize, 12usize, 8192usize);
+    let chunk = 8192usize;
     let mut keys = vec![0u8; ks * chunk];
     let mut values = vec![0u8; vs * chunk];
     let mut cursor = vec![0u8; ks];
@@ -213,7 +213,7 @@ fn datapath_bench(args: &Args, figs: &mut Figures) -> Result<String> {
 
     let path = maps.ipcache.path.clone();
     let floor = time_runs(args.runs, || {
-        let got = raw_batch_loop(&path)?;
+        let got = raw_batch_loop(&path, 24, 12)?;
         anyhow::ensure!(got == n as usize, "raw loop read {got} of {n}");
         Ok(())
     })?;
@@ -278,6 +278,52 @@ fn datapath_bench(args: &Args, figs: &mut Figures) -> Result<String> {
         ms(bpftool_json) / ms(cli_json),
         kvcheck_rss as f64 / 1024.0
     ));
+    drop(maps);
+    table.push_str(&endpoints_bench(args)?);
+    Ok(table)
+}
+
+/// The endpoint map (`cilium_lxc`) read, with a realistic number of local endpoints and full
+/// (65,535), beside the raw batch-lookup floor and `bpftool map dump`.
+fn endpoints_bench(args: &Args) -> Result<String> {
+    let layout = Layout::V1_15;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut table = format!("\nEndpoint map (`cilium_lxc`, 65,535 max entries) read, median of {} runs\n\n| endpoints | floor ms | kvcheck library ms (vs floor) | `bpftool map dump` ms (vs library) |\n|---:|---:|---:|---:|\n", args.runs);
+    for n in [110u32, 65_535] {
+        let bpffs = BpffsMount::new()?;
+        let maps = CiliumMaps::create(&bpffs, layout)?;
+        maps.ipcache.update(&encode::ipcache_key(layout, "0.0.0.0/0".parse()?, 0), &encode::ipcache_value(layout, IpcacheValue { identity: 2, ..Default::default() }))?;
+        maps.endpoints.fill(
+            (0..n).map(|i| {
+                let ip = IpAddr::V4(Ipv4Addr::from(0x0a80_0000u32 + i));
+                let v = EndpointValue { ifindex: 10 + i, endpoint_id: (i % 65_000) as u16 + 1, identity: 256 + i % 60_000, ..Default::default() };
+                (encode::endpoint_key(ip), encode::endpoint_value(layout, v))
+            }),
+            4096,
+        )?;
+        let path = maps.endpoints.path.clone();
+        let floor = time_runs(args.runs, || {
+            let got = raw_batch_loop(&path, 20, 48)?;
+            anyhow::ensure!(got == n as usize, "raw loop read {got} of {n}");
+            Ok(())
+        })?;
+        let opts = ReadOptions { bpffs: bpffs.root.clone(), ..Default::default() };
+        let library = time_runs(args.runs, || {
+            let s = datapath::read_maps(&opts)?;
+            anyhow::ensure!(s.endpoints.entries.len() == n as usize);
+            Ok(())
+        })?;
+        let bpftool = time_runs(args.runs, || run_quiet(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path)))?;
+        table.push_str(&format!(
+            "| {n} | {:.2} | {:.2} ({:.2}x) | {:.1} ({:.1}x) |\n",
+            ms(floor),
+            ms(library),
+            ms(library) / ms(floor),
+            ms(bpftool),
+            ms(bpftool) / ms(library)
+        ));
+    }
+    table.push_str("\n(The library figure reads all of Cilium's maps: here a one-entry ipcache beside the endpoint map.)\n");
     Ok(table)
 }
 
