@@ -125,14 +125,14 @@ where
             if k.len() != 20 || v.len() != 48 || codec::u32_at(v, 8) & FLAG_HOST != 0 {
                 continue;
             }
-            let ip = codec::ip_at(k, 0, k[16]).map_or_else(|_| hex::encode(k), |ip| ip.to_string());
-            if codec::u32_at(v, 32) == 0 {
-                endpoint_without_identity.get_or_insert(ip.clone());
-            } else {
-                endpoint_with_identity.get_or_insert(ip.clone());
+            // The address is only formatted for the first example of each (65k endpoints).
+            let ip = || codec::ip_at(k, 0, k[16]).map_or_else(|_| hex::encode(k), |ip| ip.to_string());
+            let slot = if codec::u32_at(v, 32) == 0 { &mut endpoint_without_identity } else { &mut endpoint_with_identity };
+            if slot.is_none() {
+                *slot = Some(ip());
             }
-            if codec::u32_at(v, 36) != 0 {
-                endpoint_with_parent.get_or_insert(ip);
+            if codec::u32_at(v, 36) != 0 && endpoint_with_parent.is_none() {
+                endpoint_with_parent = Some(ip());
             }
         }
         if let Some(p) = cluster_u16 {
