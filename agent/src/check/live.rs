@@ -154,11 +154,6 @@ impl LiveCheck {
         self.reread
     }
 
-    /// Whether a change is waiting to be re-checked.
-    pub fn dirty(&self) -> bool {
-        self.full || !self.touched.is_empty()
-    }
-
     pub fn replace_datapath(&mut self, datapath: DatapathSnapshot, host: HostAddresses) {
         self.reading.datapath = datapath;
         self.reading.host = host;
