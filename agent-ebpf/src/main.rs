@@ -1,18 +1,20 @@
 //! Reports updates and deletes that userspace makes to watched BPF maps through the bpf()
 //! syscall (which is how Cilium's agent writes its ipcache and endpoint map).
 //!
-//! Attached to the `syscalls/sys_enter_bpf` tracepoint (fentry on the map-update path is refused
-//! on some kernels). The map fd is resolved to the map id by walking the task's file table with
-//! member offsets userspace reads from /sys/kernel/btf/vmlinux and sets as globals; only maps
-//! whose id is in `WATCHED` produce events. The event fires before the kernel validates the
-//! update, so userspace re-reads the key from the map to learn what really happened.
+//! Two tracepoints (fentry on the map-update path is refused on some kernels):
+//! `syscalls/sys_enter_bpf` resolves the map fd to the map id by walking the task's file table
+//! with member offsets userspace reads from /sys/kernel/btf/vmlinux and sets as globals, and
+//! remembers calls on maps whose id is in `WATCHED` by thread; `syscalls/sys_exit_bpf` emits the
+//! event once the kernel has applied (or refused) the change, with the syscall's result. A
+//! userspace read triggered by the event can therefore never see the map before the write: at
+//! `sys_enter_bpf` the update has not happened yet, and a confirmation read could win the race.
 
 #![no_std]
 #![no_main]
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::{HashMap, RingBuf};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 
 /// Largest key copied (Cilium's ipcache key is 24 bytes, endpoint and tunnel keys 20).
@@ -35,7 +37,20 @@ pub struct Event {
     pub key_size: u32,
     /// 1 when a batch had more than BATCH_MAX keys: userspace re-reads the whole map.
     pub truncated: u32,
+    /// The syscall's result: 0 done, negative errno refused (batches may be partly done).
+    pub ret: i32,
+    pub _pad: u32,
     pub key: [u8; KEY_MAX],
+}
+
+/// A bpf() call on a watched map, between its enter and its exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub map_id: u32,
+    pub key_size: u32,
+    pub cmd: u64,
+    pub uattr: u64,
 }
 
 // Member offsets in bytes, from BTF (set by userspace before load).
@@ -56,8 +71,17 @@ static OFF_MAP_ID: u64 = 0;
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 
+/// Calls in flight, by thread (pid_tgid). LRU: an entry whose exit never came (a killed task)
+/// is evicted instead of filling the map.
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(4096, 0);
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Events dropped because the ring buffer was full: userspace re-reads the maps when it grows.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn global(v: &'static u64) -> u64 {
@@ -95,8 +119,14 @@ fn map_id_of_fd(fd: u32) -> Option<u32> {
 }
 
 #[inline(always)]
-fn emit(map_id: u32, cmd: u32, key_size: u32, key_ptr: u64, truncated: u32) {
-    let Some(mut slot) = EVENTS.reserve::<Event>(0) else { return };
+fn emit(map_id: u32, cmd: u32, key_size: u32, key_ptr: u64, truncated: u32, ret: i32) {
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
     let ev = slot.as_mut_ptr();
     // SAFETY: the slot is ours until submit/discard; we write every field before submitting.
     unsafe {
@@ -104,6 +134,8 @@ fn emit(map_id: u32, cmd: u32, key_size: u32, key_ptr: u64, truncated: u32) {
         (*ev).cmd = cmd;
         (*ev).key_size = key_size;
         (*ev).truncated = truncated;
+        (*ev).ret = ret;
+        (*ev)._pad = 0;
         (*ev).key = [0; KEY_MAX];
         let n = (key_size as usize) & (KEY_MAX - 1);
         if key_ptr != 0 && n > 0 {
@@ -116,6 +148,14 @@ fn emit(map_id: u32, cmd: u32, key_size: u32, key_ptr: u64, truncated: u32) {
     slot.submit(0);
 }
 
+fn is_batch(cmd: u64) -> Option<bool> {
+    match cmd {
+        BPF_MAP_UPDATE_ELEM | BPF_MAP_DELETE_ELEM | BPF_MAP_LOOKUP_AND_DELETE_ELEM => Some(false),
+        BPF_MAP_UPDATE_BATCH | BPF_MAP_DELETE_BATCH | BPF_MAP_LOOKUP_AND_DELETE_BATCH => Some(true),
+        _ => None,
+    }
+}
+
 #[tracepoint]
 pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
     let _ = try_sys_enter_bpf(&ctx);
@@ -125,26 +165,44 @@ pub fn sys_enter_bpf(ctx: TracePointContext) -> u32 {
 fn try_sys_enter_bpf(ctx: &TracePointContext) -> Option<()> {
     // SAFETY: offsets from the tracepoint's format file (cmd at 16, uattr at 24).
     let cmd: u64 = unsafe { ctx.read_at(16).ok()? };
-    let batch = match cmd {
-        BPF_MAP_UPDATE_ELEM | BPF_MAP_DELETE_ELEM | BPF_MAP_LOOKUP_AND_DELETE_ELEM => false,
-        BPF_MAP_UPDATE_BATCH | BPF_MAP_DELETE_BATCH | BPF_MAP_LOOKUP_AND_DELETE_BATCH => true,
-        _ => return None,
-    };
+    let batch = is_batch(cmd)?;
     // SAFETY: as above.
     let uattr: u64 = unsafe { ctx.read_at(24).ok()? };
-    // ELEM commands: map_fd u32 @0, key ptr @8. BATCH: keys @16, count u32 @32, map_fd u32 @36.
+    // ELEM commands: map_fd u32 @0. BATCH: map_fd u32 @36.
     let fd_off = if batch { 36 } else { 0 };
     // SAFETY: bpf_probe_read_user fails instead of faulting on a bad user pointer.
     let fd: u32 = unsafe { bpf_probe_read_user((uattr + fd_off) as *const u32).ok()? };
     let map_id = map_id_of_fd(fd)?;
     // SAFETY: a lookup in our own map.
     let key_size = unsafe { *WATCHED.get(&map_id)? };
-    if !batch {
-        // SAFETY: as above.
+    let pending = Pending { map_id, key_size, cmd, uattr };
+    PENDING.insert(&bpf_get_current_pid_tgid(), &pending, 0).ok()
+}
+
+#[tracepoint]
+pub fn sys_exit_bpf(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit_bpf(&ctx);
+    0
+}
+
+fn try_sys_exit_bpf(ctx: &TracePointContext) -> Option<()> {
+    let tid = bpf_get_current_pid_tgid();
+    // SAFETY: a lookup in our own map; the value is copied out before the entry is removed.
+    let p = unsafe { *PENDING.get(&tid)? };
+    let _ = PENDING.remove(&tid);
+    // SAFETY: offsets from the tracepoint's format file (ret at 16).
+    let ret: i64 = unsafe { ctx.read_at(16).ok()? };
+    let ret = ret as i32;
+    let (cmd, uattr) = (p.cmd as u32, p.uattr);
+    if is_batch(p.cmd) != Some(true) {
+        // ELEM commands: key ptr @8. Still the caller's memory: the syscall has not returned.
+        // SAFETY: bpf_probe_read_user fails instead of faulting.
         let key: u64 = unsafe { bpf_probe_read_user((uattr + 8) as *const u64).ok()? };
-        emit(map_id, cmd as u32, key_size, key, 0);
+        emit(p.map_id, cmd, p.key_size, key, 0, ret);
         return Some(());
     }
+    // BATCH: keys @16, count u32 @32, which the kernel has set to the number of keys processed
+    // (for LOOKUP_AND_DELETE_BATCH the keys buffer is only filled now).
     // SAFETY: as above.
     let keys: u64 = unsafe { bpf_probe_read_user((uattr + 16) as *const u64).ok()? };
     // SAFETY: as above.
@@ -155,7 +213,7 @@ fn try_sys_enter_bpf(ctx: &TracePointContext) -> Option<()> {
         if i >= count {
             break;
         }
-        emit(map_id, cmd as u32, key_size, keys + u64::from(i) * u64::from(key_size), truncated);
+        emit(p.map_id, cmd, p.key_size, keys + u64::from(i) * u64::from(p.key_size), truncated, ret);
         i += 1;
     }
     Some(())

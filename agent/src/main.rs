@@ -95,6 +95,14 @@ struct CheckArgs {
     /// (Cilium propagates asynchronously); 0 disables. E.g. 2s, 500ms.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     settle: std::time::Duration,
+    /// Cilium applies a node delete this long after the key goes (NodeDeleteDelay); until then
+    /// the node's entries are held, not drift. 0 treats them as drift at once.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    node_delete_hold_off: std::time::Duration,
+    /// `check` only: report a deleted node's entries as held instead of waiting for its
+    /// hold-off to end when the delete cannot be placed in time (no later heartbeat).
+    #[arg(long)]
+    no_hold_off_wait: bool,
     /// Remote node addresses carry identity 6 (on) or 1 (off); unknown accepts both.
     #[arg(long, value_enum)]
     remote_node_identity: Option<OnOff>,
@@ -356,6 +364,8 @@ impl CheckArgs {
             ..Default::default()
         },
         settle: args.settle,
+        hold_off: args.node_delete_hold_off,
+        hold_off_wait: !args.no_hold_off_wait,
         })
     }
 }

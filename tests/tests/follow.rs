@@ -217,3 +217,57 @@ fn follow_reports_every_change_through_ebpf_and_polling() {
     assert!(p99 < Duration::from_millis(250), "eBPF path p99 {p99:?}");
     follow_case(false);
 }
+
+/// Waits for changes until none arrived for `quiet`.
+fn drain(f: &Follower, quiet: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Ok(v) = f.lines.recv_timeout(quiet) {
+        out.push(v);
+    }
+    out
+}
+
+/// Issue 11: an event taken at `sys_enter_bpf` made kvcheck re-read the key before the kernel
+/// had applied the write, and the change was lost when the read won the race. Thousands of
+/// single-key writes from two threads, each the last write to its key, so any lost change
+/// shows in what was reported: every add and every delete must arrive.
+#[test]
+fn follow_loses_no_change_under_rapid_writes() {
+    if !require_root("follow_loses_no_change_under_rapid_writes") {
+        return;
+    }
+    let bpffs = BpffsMount::new().unwrap();
+    let m = CiliumMaps::create(&bpffs, LAYOUT).unwrap();
+    let f = Follower::start(&bpffs, true);
+    assert!(f.source.contains("eBPF change events"), "the eBPF program did not run here: {}", f.source);
+    const N: usize = 10_000;
+    let prefixes: Vec<String> = (0..N).map(|i| format!("10.{}.{}.{}/32", 100 + i / 65_536, (i / 256) % 256, i % 256)).collect();
+    let write_all = |delete: bool| {
+        std::thread::scope(|s| {
+            for half in prefixes.chunks(N / 2) {
+                let m = &m;
+                s.spawn(move || {
+                    for (i, p) in half.iter().enumerate() {
+                        if delete {
+                            m.ipcache.delete(&ipc_key(p)).unwrap();
+                        } else {
+                            m.ipcache.update(&ipc_key(p), &ipc_value(1000)).unwrap();
+                        }
+                        if i % 25 == 24 {
+                            std::thread::sleep(Duration::from_millis(1)); // ~40k writes/s in all
+                        }
+                    }
+                });
+            }
+        });
+    };
+    let all: BTreeSet<String> = prefixes.iter().cloned().collect();
+    for (delete, op) in [(false, "added"), (true, "removed")] {
+        write_all(delete);
+        let got = drain(&f, Duration::from_secs(2));
+        let reported: BTreeSet<String> = got.iter().filter(|c| c["op"] == op).map(|c| c["subject"].as_str().unwrap().to_owned()).collect();
+        let missed: Vec<&String> = all.difference(&reported).collect();
+        assert!(missed.is_empty(), "{} of {N} writes ({op}) never reported, e.g. {:?}", missed.len(), &missed[..missed.len().min(5)]);
+        assert_eq!(got.len(), N, "one change per write ({op})");
+    }
+}

@@ -16,6 +16,7 @@ use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
 use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::kvstore::health::{self, ClusterHealth};
+use crate::kvstore::history;
 use crate::kvstore::watch::KvstoreWatcher;
 use metrics::{KindLabel, MapLabel, Metrics, SourceLabel};
 use tracker::{Tracker, Transition};
@@ -103,6 +104,7 @@ impl State {
             *counts.entry(f.kind.name()).or_default() += 1;
         }
         let etcd = self.health.as_ref().map_or_else(|| "etcd: not probed yet".to_owned(), ClusterHealth::status_line);
+        let held = live.map_or(0, |l| l.check.held_nodes().len());
         let (maps, layout) = live.map_or((String::new(), String::new()), |l| {
             let dp = &l.check.reading().datapath;
             let mut m = vec![format!("{}={:.3}", dp.ipcache.meta.name, dp.ipcache.fill_ratio), format!("{}={:.3}", dp.endpoints.meta.name, dp.endpoints.fill_ratio)];
@@ -114,7 +116,7 @@ impl State {
         let (last, took) = self.last_check.map_or((String::new(), 0), |(t, d)| (t.to_rfc3339(), d.as_millis()));
         tracing::info!(
             event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
-            etcd = %etcd, map_fill = %maps, last_check = %last, last_check_ms = took as u64, layout = %layout,
+            etcd = %etcd, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
             error = %self.last_error.clone().unwrap_or_default(), "node health"
         );
     }
@@ -165,7 +167,17 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let config = run::node_config(&opts.check)?;
-    Ok(Live { watcher, feed, check: LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading) })
+    let mut check = LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading);
+    check.set_hold_off(opts.check.hold_off);
+    if !opts.check.hold_off.is_zero() {
+        // Nodes deleted just before the agent started are in their hold-off too.
+        let kv = &check.reading().kvstore;
+        match history::recent_node_deletes(watcher.etcd(), kv, now, now, opts.check.hold_off, &[]).await {
+            Ok(held) => check.hold_nodes(held),
+            Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
+        }
+    }
+    Ok(Live { watcher, feed, check })
 }
 
 /// Re-checks what changed (everything after a start or resync) and records the result.
@@ -248,6 +260,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         if let Some(due) = state.tracker.next_due(opts.grace) {
             wake = wake.min(due);
         }
+        if let Some(end) = live.as_ref().and_then(|l| l.check.next_hold_end()) {
+            // A node-delete hold-off ends: its node's entries are then re-checked.
+            wake = wake.min(now + (end - chrono::Utc::now()).to_std().unwrap_or_default());
+        }
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(now)));
         tokio::pin!(sleep);
         let mut lost_live = None;
@@ -307,6 +323,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             continue;
         }
         if let Some(l) = live.as_mut() {
+            if l.check.expire_held(chrono::Utc::now()) {
+                dirty_since.get_or_insert(now);
+            }
             let resync_due = now >= next_resync;
             let recheck_due = dirty_since.is_some_and(|d| now >= d + opts.debounce);
             if resync_due || recheck_due || l.check.needs_reread() {

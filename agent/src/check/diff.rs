@@ -14,7 +14,7 @@ use crate::datapath::addresses::HostAddresses;
 use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::reader::KvstoreSnapshot;
-use crate::kvstore::values::{self, IP_PREFIX};
+use crate::kvstore::values::{self, IpEntry, IP_PREFIX};
 use crate::kvstore::view::age_seconds;
 use crate::model::identity::{self, IdentityScope};
 use crate::model::version::Layout;
@@ -95,6 +95,11 @@ fn show(ip: &Option<IpAddr>) -> String {
     ip.map_or_else(|| "none".to_owned(), |i| i.to_string())
 }
 
+fn show_prefixes(prefixes: &[IpNet], total: usize) -> String {
+    let shown: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+    if total > shown.len() { format!("{}, ...", shown.join(", ")) } else { shown.join(", ") }
+}
+
 fn show_set<T: ToString>(s: &BTreeSet<T>) -> String {
     s.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
 }
@@ -111,27 +116,69 @@ pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<F
     let kv = KvIndex::new(obs.kvstore);
     let mut out = Vec::new();
     ipcache(exp, obs, &kv, &mut out);
-    node_sections(exp, ctx, obs, &kv, &mut out);
+    let used = IdentityUsers::of(obs.kvstore.ips.iter(), obs.datapath.ipcache.entries.iter());
+    node_sections(exp, ctx, obs, &kv, &used, &mut out);
     finish(out)
+}
+
+/// How many prefixes per identity a finding names as evidence.
+pub const IDENTITY_EVIDENCE_PREFIXES: usize = 5;
+
+/// The global identities this node's datapath refers to: those of the `ip/v1` entries (every one
+/// is expected in the ipcache) and of the observed ipcache entries (cluster 0). Its policy
+/// needs every one's labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityUsers {
+    /// Identity → (entries using it, up to [`IDENTITY_EVIDENCE_PREFIXES`] of their prefixes).
+    pub by_id: BTreeMap<u32, (usize, Vec<IpNet>)>,
+}
+
+impl IdentityUsers {
+    /// Counts the identities of `ips` and `observed` (the expected and the observed use of one
+    /// prefix count once each).
+    pub fn of<'a, 'b>(ips: impl Iterator<Item = &'b IpEntry>, observed: impl Iterator<Item = &'a IpcacheEntry>) -> IdentityUsers {
+        let mut used = IdentityUsers::default();
+        for e in ips {
+            used.add(e.identity, e.prefix);
+        }
+        for o in observed.filter(|o| o.cluster_id == 0) {
+            used.add(o.identity, o.prefix);
+        }
+        used
+    }
+
+    /// Records one use of `id` by `prefix` (global identities only).
+    pub fn add(&mut self, id: u32, prefix: IpNet) {
+        if identity::scope(id) != IdentityScope::Global {
+            return;
+        }
+        let (n, prefixes) = self.by_id.entry(id).or_default();
+        *n += 1;
+        if prefixes.len() < IDENTITY_EVIDENCE_PREFIXES && !prefixes.contains(&prefix) {
+            prefixes.push(prefix);
+        }
+    }
 }
 
 /// The diff restricted to some ipcache prefixes: their ipcache findings (the observed entry of
 /// each comes from `observed`, an index the caller keeps), plus every node-scale section
 /// (endpoints, identities, node, tunnel, kvstore health, map pressure), which are small.
-/// `exp` needs expectations only for `prefixes` (see [`super::expected::derive_scoped`]).
+/// `exp` needs expectations only for `prefixes` (see [`super::expected::derive_scoped`]);
+/// `used` covers the whole node (the caller keeps it current; see `check::live`).
 pub fn diff_scoped<'a>(
     exp: &ExpectedState,
     ctx: &NodeContext,
     obs: &Observed<'a>,
     prefixes: impl IntoIterator<Item = &'a IpNet>,
     observed: impl Fn(&IpNet) -> Option<&'a IpcacheEntry>,
+    used: &IdentityUsers,
 ) -> Vec<Finding> {
     let kv = KvIndex::new(obs.kvstore);
     let mut out = Vec::new();
     for p in prefixes {
         ipcache_prefix(p, exp.ipcache.get(p), observed(p), obs, &kv, &mut out);
     }
-    node_sections(exp, ctx, obs, &kv, &mut out);
+    node_sections(exp, ctx, obs, &kv, used, &mut out);
     finish(out)
 }
 
@@ -148,9 +195,9 @@ pub fn is_ipcache_kind(kind: FindingKind) -> bool {
     )
 }
 
-fn node_sections(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
+fn node_sections(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &KvIndex<'_>, used: &IdentityUsers, out: &mut Vec<Finding>) {
     endpoints(exp, ctx, obs, kv, out);
-    identities(exp, obs, out);
+    identities(exp, obs, used, out);
     node(exp, ctx, obs, out);
     tunnel(exp, obs, kv, out);
     kvstore_health(obs, out);
@@ -360,23 +407,35 @@ fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &Kv
     }
 }
 
-fn identities(exp: &ExpectedState, obs: &Observed<'_>, out: &mut Vec<Finding>) {
+fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out: &mut Vec<Finding>) {
     let kv = obs.kvstore;
     // Identities local endpoints use (endpoint map where it has them, else their ip/v1 entries).
     let mut local_ids: BTreeSet<u32> = exp.local_ips.values().map(|e| e.identity).collect();
     local_ids.extend(obs.datapath.endpoints.entries.iter().filter(|e| !e.is_host).filter_map(|e| e.identity));
     local_ids.retain(|id| identity::scope(*id) == IdentityScope::Global);
-    // Identities of remote pods are their nodes' business (checked there); a missing one of
-    // those shows on the node that hosts the pod.
-    for id in &local_ids {
-        if !kv.identities.contains_key(id) {
-            let key = format!("{}{id}", values::IDENTITY_ID_PREFIX);
-            out.push(
-                Finding::new(FindingKind::IdentityMissing, id.to_string(), format!("identity {id} is in use on this node but {key} does not exist"))
-                    .kvstore(json!({"key": key, "value": null, "revision": kv.revision}))
-                    .keys([key]),
-            );
+    // Every identity the ipcache carries (or should) needs its labels here: this node's policy
+    // decides on remote pods by them. Identities of other ClusterMesh clusters (their cluster
+    // id in bits 16-23) live in those clusters' kvstores.
+    let cluster_bits = exp.node.as_ref().map_or(0, |n| n.cluster_id & 0xff);
+    let referenced = used.by_id.keys().copied().filter(|id| (id >> 16) & 0xff == cluster_bits);
+    for id in local_ids.iter().copied().chain(referenced).collect::<BTreeSet<u32>>() {
+        if kv.identities.contains_key(&id) {
+            continue;
         }
+        let key = format!("{}{id}", values::IDENTITY_ID_PREFIX);
+        let (n, prefixes) = used.by_id.get(&id).cloned().unwrap_or_default();
+        let local = local_ids.contains(&id);
+        let users = match (local, n) {
+            (true, 0) => "a local endpoint".to_owned(),
+            (true, _) => format!("a local endpoint and {n} ipcache entries ({})", show_prefixes(&prefixes, n)),
+            (false, _) => format!("{n} ipcache entries ({})", show_prefixes(&prefixes, n)),
+        };
+        out.push(
+            Finding::new(FindingKind::IdentityMissing, id.to_string(), format!("identity {id} is used on this node by {users} but {key} does not exist"))
+                .datapath(json!({"ipcache_entries": n, "prefixes": prefixes, "local_endpoint": local}))
+                .kvstore(json!({"key": key, "value": null, "revision": kv.revision}))
+                .keys([key]),
+        );
     }
     let Some(node) = &exp.node else { return };
     let node_ips: BTreeSet<String> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().map(|ip| ip.to_string()).collect();
@@ -485,13 +544,15 @@ fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut V
     for (prefix, t) in expected {
         let subject = prefix.to_string();
         match observed.get(prefix) {
+            // A node deleted within Cilium's hold-off: its entry may already be gone.
+            None if !t.required => {}
             None => out.push(
                 Finding::new(FindingKind::TunnelMissing, &subject, format!("pod CIDR {subject} of {} has no tunnel map entry (expected endpoint {})", t.node_key, t.endpoint))
                     .expected(t)
                     .kvstore(kv.evidence(Some(&t.node_key)))
                     .keys([t.node_key.clone()]),
             ),
-            Some(o) if o.tunnel_endpoint != t.endpoint => out.push(
+            Some(o) if o.tunnel_endpoint != t.endpoint && t.required => out.push(
                 Finding::new(FindingKind::TunnelMismatch, &subject, format!("pod CIDR {subject} tunnels to {}, but {} says its node IP is {}", o.tunnel_endpoint, t.node_key, t.endpoint))
                     .datapath(o)
                     .expected(t)

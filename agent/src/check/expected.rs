@@ -69,6 +69,8 @@ pub struct ExpectedTunnel {
     pub endpoint: IpAddr,
     pub encrypt_keys: BTreeSet<u8>,
     pub node_key: String,
+    /// False for a node deleted within Cilium's hold-off: its entry may be there or gone.
+    pub required: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -163,81 +165,141 @@ impl Builder<'_> {
 
 fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
     let mut b = Builder { exp: ExpectedState::default(), wanted };
-    let cfg = &ctx.config;
-    let layout = ctx.layout;
     let node = own_node(snap, ctx).cloned();
+    let families = families(ctx, node.as_ref(), &mut b.exp.assumptions);
+    let remote_node_ids = remote_node_identities(&ctx.config, &mut b.exp.assumptions);
+    if ctx.config.encryption.is_none() {
+        b.exp.assumptions.push("encryption setting unknown: entries may carry key 0 or the owner's announced key".into());
+    }
+    world(&mut b, ctx, families);
+    own_addresses(&mut b, ctx, node.as_ref(), families);
+    b.exp.node = node;
+    for e in ips {
+        pod(&mut b, ctx, e, &remote_node_ids);
+    }
+    let tunnel_on = tunnel_mode(ctx, &mut b.exp.assumptions);
+    let mut tunnel_map = BTreeMap::new();
+    let others = snap.nodes.iter().filter(|n| !(n.name == ctx.node_name && n.cluster == ctx.cluster));
+    // Nodes deleted within Cilium's hold-off: their entries may still be there (or already gone).
+    let present: HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_str()).collect();
+    let held = snap.held_nodes.iter().filter(|h| !present.contains(h.node.meta.key.as_str())).map(|h| &h.node);
+    for (n, required) in others.map(|n| (n, true)).chain(held.map(|n| (n, false))) {
+        let r = RemoteNode::new(n, ctx, required);
+        remote_node_addresses(&mut b, ctx, &r, &remote_node_ids);
+        remote_health_and_ingress(&mut b, ctx, &r);
+        remote_pod_cidrs(&mut b, ctx, &r, families);
+        if ctx.layout.has_tunnel_map() && tunnel_on {
+            remote_tunnel_entries(&mut tunnel_map, &r);
+        }
+    }
+    b.exp.tunnel = (ctx.layout.has_tunnel_map() && tunnel_on).then_some(tunnel_map);
+    b.exp
+}
 
+/// Which address families the agent runs (node_config.h, else guessed from the node entry).
+#[derive(Clone, Copy)]
+struct Families {
+    ipv4: bool,
+    ipv6: bool,
+}
+
+fn families(ctx: &NodeContext, node: Option<&NodeEntry>, assumptions: &mut Vec<String>) -> Families {
+    let cfg = &ctx.config;
     let ipv4 = cfg.ipv4.unwrap_or(true);
-    let ipv6 = cfg.ipv6.unwrap_or_else(|| {
-        node.as_ref().is_some_and(|n| n.ipv6_alloc_cidr.is_some() || n.addresses.iter().any(|a| a.ip.is_ipv6()))
-    });
+    let ipv6 = cfg.ipv6.unwrap_or_else(|| node.is_some_and(|n| n.ipv6_alloc_cidr.is_some() || n.addresses.iter().any(|a| a.ip.is_ipv6())));
     if cfg.ipv4.is_none() || cfg.ipv6.is_none() {
-        b.exp.assumptions.push(format!(
+        assumptions.push(format!(
             "address families not configured: assumed IPv4 {}, IPv6 {} (from the node entry)",
             if ipv4 { "on" } else { "off" },
             if ipv6 { "on" } else { "off" }
         ));
     }
-    let world_keys = match cfg.encryption {
+    Families { ipv4, ipv6 }
+}
+
+/// The identities a remote node's addresses may carry in this agent's ipcache.
+fn remote_node_identities(cfg: &DatapathConfig, assumptions: &mut Vec<String>) -> BTreeSet<u32> {
+    match cfg.remote_node_identity {
+        Some(true) => set([identity::REMOTE_NODE]),
+        Some(false) => set([identity::HOST]),
+        None => {
+            assumptions.push("remote-node identity setting unknown: remote node addresses may carry identity 1 or 6".into());
+            set([identity::HOST, identity::REMOTE_NODE])
+        }
+    }
+}
+
+/// Whether the tunnel map is in use (node_config.h, else inferred from its entries).
+fn tunnel_mode(ctx: &NodeContext, assumptions: &mut Vec<String>) -> bool {
+    let tunnel_on = ctx.config.tunnel.unwrap_or(ctx.tunnel_map_in_use);
+    if ctx.config.tunnel.is_none() && ctx.layout.has_tunnel_map() {
+        assumptions.push(format!(
+            "routing mode unknown: assumed {} because the tunnel map {}",
+            if tunnel_on { "tunnel" } else { "direct routing" },
+            if tunnel_on { "has entries" } else { "is empty" }
+        ));
+    }
+    tunnel_on
+}
+
+/// The world identities of a family: 2; dual stack v1.15+: 9 (IPv4) or 10 (IPv6) too.
+fn world_identities(layout: Layout, families: Families, v6: bool) -> BTreeSet<u32> {
+    let mut ids = set([identity::WORLD]);
+    if layout >= Layout::V1_15 && families.ipv4 && families.ipv6 {
+        ids.insert(if v6 { 10 } else { 9 });
+    }
+    ids
+}
+
+/// Rule 1: `0.0.0.0/0` and `::/0` map to world.
+fn world(b: &mut Builder<'_>, ctx: &NodeContext, families: Families) {
+    let keys = match ctx.config.encryption {
         Some(false) => Some(set([0])),
         _ => None,
     };
-    // 1. World.
-    let world = |v6: bool| -> BTreeSet<u32> {
-        let mut ids = set([identity::WORLD]);
-        if layout >= Layout::V1_15 && ipv4 && ipv6 {
-            ids.insert(if v6 { 10 } else { 9 });
-        }
-        ids
-    };
-    for (on, prefix, v6) in [(ipv4, "0.0.0.0/0", false), (ipv6, "::/0", true)] {
+    for (on, prefix, v6) in [(families.ipv4, "0.0.0.0/0", false), (families.ipv6, "::/0", true)] {
         if on {
-            b.expect(
-                prefix.parse().unwrap_or_default(),
-                || Expectation {
-                    identities: world(v6),
-                    tunnel_endpoints: set([None]),
-                    encrypt_keys: world_keys.clone(),
-                    required: true,
-                    rule: "world",
-                    kvstore_key: None,
-                },
-            );
+            b.expect(prefix.parse().unwrap_or_default(), || Expectation {
+                identities: world_identities(ctx.layout, families, v6),
+                tunnel_endpoints: set([None]),
+                encrypt_keys: keys.clone(),
+                required: true,
+                rule: "world",
+                kvstore_key: None,
+            });
         }
     }
+}
 
-    // 2./3. This node's own addresses: identity host, no tunnel; endpoint-map host entries.
-    if let Some(n) = &node {
+/// Rules 2, 3 and 3b: this node's own addresses (identity host, no tunnel; endpoint-map host
+/// entries) and its health IP; every local interface address may be a host entry.
+fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry>, families: Families) {
+    let cfg = &ctx.config;
+    if let Some(n) = node {
         for a in &n.addresses {
             b.exp.node_addresses.insert(a.ip);
-            b.expect(
-                IpNet::from(a.ip),
-                || Expectation {
-                    identities: set([identity::HOST]),
-                    tunnel_endpoints: set([None]),
-                    encrypt_keys: keys_for(cfg, n.encryption_key),
-                    required: true,
-                    rule: "this node's address (nodes/v1)",
-                    kvstore_key: Some(n.meta.key.clone()),
-                },
-            );
+            b.expect(IpNet::from(a.ip), || Expectation {
+                identities: set([identity::HOST]),
+                tunnel_endpoints: set([None]),
+                encrypt_keys: keys_for(cfg, n.encryption_key),
+                required: true,
+                rule: "this node's address (nodes/v1)",
+                kvstore_key: Some(n.meta.key.clone()),
+            });
             if ctx.local_addresses.contains(&a.ip) {
                 b.exp.host_entries.insert(a.ip, true);
             }
         }
         for (health, v6) in [(n.ipv4_health_ip, false), (n.ipv6_health_ip, true)] {
-            if let Some(ip) = health.filter(|_| if v6 { ipv6 } else { ipv4 }) {
-                b.expect(
-                    IpNet::from(ip),
-                    || Expectation {
-                        identities: set([identity::HEALTH]),
-                        tunnel_endpoints: set([None]),
-                        encrypt_keys: None,
-                        required: true,
-                        rule: "this node's health endpoint (nodes/v1)",
-                        kvstore_key: Some(n.meta.key.clone()),
-                    },
-                );
+            if let Some(ip) = health.filter(|_| if v6 { families.ipv6 } else { families.ipv4 }) {
+                b.expect(IpNet::from(ip), || Expectation {
+                    identities: set([identity::HEALTH]),
+                    tunnel_endpoints: set([None]),
+                    encrypt_keys: None,
+                    required: true,
+                    rule: "this node's health endpoint (nodes/v1)",
+                    kvstore_key: Some(n.meta.key.clone()),
+                });
             }
         }
     } else {
@@ -246,151 +308,150 @@ fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>,
     }
     for ip in &ctx.local_addresses {
         b.exp.host_entries.entry(*ip).or_insert(false);
-        b.expect(
-            IpNet::from(*ip),
-            || Expectation {
-                identities: set([identity::HOST]),
-                tunnel_endpoints: set([None]),
-                encrypt_keys: None,
-                required: false,
-                rule: "local interface address",
-                kvstore_key: None,
-            },
-        );
+        b.expect(IpNet::from(*ip), || Expectation {
+            identities: set([identity::HOST]),
+            tunnel_endpoints: set([None]),
+            encrypt_keys: None,
+            required: false,
+            rule: "local interface address",
+            kvstore_key: None,
+        });
     }
-    b.exp.node = node.clone();
+}
 
-    // 4./5. Pods from ip/v1.
-    let remote_node_ids: BTreeSet<u32> = match cfg.remote_node_identity {
-        Some(true) => set([identity::REMOTE_NODE]),
-        Some(false) => set([identity::HOST]),
-        None => set([identity::HOST, identity::REMOTE_NODE]),
-    };
-    if cfg.remote_node_identity.is_none() {
-        b.exp.assumptions.push("remote-node identity setting unknown: remote node addresses may carry identity 1 or 6".into());
+/// Rules 4 and 5: an `ip/v1` entry is a local pod when its HostIP is this node's (no tunnel;
+/// it must be a local endpoint), else a remote pod behind its HostIP.
+fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BTreeSet<u32>) {
+    let hosted_here = e.host_ip.is_some_and(|h| b.exp.node_addresses.contains(&h));
+    let mut ids = set([e.identity]);
+    if e.identity == identity::HOST {
+        // Readers rewrite ID 1 to remote-node (v1.12+ with remote-node identity; always v1.16+).
+        ids.extend(remote_node_ids.iter().copied());
     }
-    if cfg.encryption.is_none() {
-        b.exp.assumptions.push("encryption setting unknown: entries may carry key 0 or the owner's announced key".into());
+    let tunnel = if hosted_here { None } else { e.host_ip.filter(|h| h.is_ipv4() || ctx.layout.ipcache_v2()) };
+    b.expect(e.prefix, || Expectation {
+        identities: ids,
+        tunnel_endpoints: set([tunnel]),
+        encrypt_keys: Some(set([e.encrypt_key])),
+        required: true,
+        rule: if hosted_here { "local pod (ip/v1)" } else { "remote pod (ip/v1)" },
+        kvstore_key: Some(e.meta.key.clone()),
+    });
+    if hosted_here && e.prefix.prefix_len() == e.prefix.max_prefix_len() {
+        b.exp.local_ips.insert(e.prefix.addr(), e.clone());
     }
-    for e in ips {
-        let hosted_here = e.host_ip.is_some_and(|h| b.exp.node_addresses.contains(&h));
-        let mut ids = set([e.identity]);
-        if e.identity == identity::HOST {
-            // Readers rewrite ID 1 to remote-node (v1.12+ with remote-node identity; always v1.16+).
-            ids.extend(remote_node_ids.iter().copied());
+}
+
+/// Another node of the cluster as the rules for remote nodes see it.
+struct RemoteNode<'n> {
+    node: &'n NodeEntry,
+    /// Cilium's underlay: the IPv4 node IP through v1.17; v1.18+ may use IPv6.
+    underlay: Option<IpAddr>,
+    /// Entries required: false for a node in Cilium's node-delete hold-off.
+    required: bool,
+}
+
+impl<'n> RemoteNode<'n> {
+    fn new(node: &'n NodeEntry, ctx: &NodeContext, required: bool) -> Self {
+        let underlay = node.node_ip(true).or_else(|| if ctx.layout.ipcache_v2() { node.node_ip(false) } else { None });
+        RemoteNode { node, underlay, required }
+    }
+
+    /// The rule's name for a present node, or for one in the node-delete hold-off.
+    fn rule(&self, present: &'static str, held: &'static str) -> &'static str {
+        if self.required { present } else { held }
+    }
+}
+
+/// Rule 6: other nodes' addresses: remote-node (or host) identity; the CiliumInternalIP
+/// behind the node IP, the others direct or through the tunnel.
+fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, remote_node_ids: &BTreeSet<u32>) {
+    let (n, cfg) = (r.node, &ctx.config);
+    for a in &n.addresses {
+        let is_internal = a.addr_type == "CiliumInternalIP";
+        let mut ids = remote_node_ids.clone();
+        ids.insert(7); // kube-apiserver backends get 7 (not knowable from the kvstore)
+        if n.node_identity != 0 {
+            ids.insert(n.node_identity);
         }
-        let tunnel = if hosted_here {
-            None
+        let tunnels = if is_internal {
+            set([r.underlay])
+        } else if cfg.encryption == Some(false) && cfg.host_firewall == Some(false) {
+            set([None])
         } else {
-            e.host_ip.filter(|h| h.is_ipv4() || layout.ipcache_v2())
+            set([None, r.underlay])
         };
-        b.expect(
-            e.prefix,
-            || Expectation {
-                identities: ids,
-                tunnel_endpoints: set([tunnel]),
-                encrypt_keys: Some(set([e.encrypt_key])),
-                required: true,
-                rule: if hosted_here { "local pod (ip/v1)" } else { "remote pod (ip/v1)" },
-                kvstore_key: Some(e.meta.key.clone()),
-            },
-        );
-        if hosted_here && e.prefix.prefix_len() == e.prefix.max_prefix_len() {
-            b.exp.local_ips.insert(e.prefix.addr(), e.clone());
-        }
+        b.expect(IpNet::from(a.ip), || Expectation {
+            identities: ids,
+            tunnel_endpoints: tunnels,
+            encrypt_keys: keys_for(cfg, n.encryption_key),
+            // v1.10-v1.12 in "legacy" mode insert only the CiliumInternalIP.
+            required: r.required && (is_internal || ctx.layout >= Layout::V1_14),
+            rule: r.rule("remote node address (nodes/v1)", "deleted node's address, in Cilium's hold-off (nodes/v1)"),
+            kvstore_key: Some(n.meta.key.clone()),
+        });
     }
+}
 
-    // 6.-9. Remote nodes.
-    let tunnel_on = cfg.tunnel.unwrap_or(ctx.tunnel_map_in_use);
-    if cfg.tunnel.is_none() && layout.has_tunnel_map() {
-        b.exp.assumptions.push(format!(
-            "routing mode unknown: assumed {} because the tunnel map {}",
-            if tunnel_on { "tunnel" } else { "direct routing" },
-            if tunnel_on { "has entries" } else { "is empty" }
-        ));
+/// Rules 7 and 8: other nodes' health IPs (identity health) and ingress IPs (identity
+/// ingress), behind the node IP.
+fn remote_health_and_ingress(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>) {
+    let n = r.node;
+    let mut keys = set([0, n.encryption_key]);
+    if ctx.layout >= Layout::V1_15 {
+        keys.insert(255); // WireGuard
     }
-    let mut tunnel_map = BTreeMap::new();
-    for n in snap.nodes.iter().filter(|n| !(n.name == ctx.node_name && n.cluster == ctx.cluster)) {
-        // Cilium's underlay: the IPv4 node IP through v1.17; v1.18+ may use IPv6.
-        let underlay = n.node_ip(true).or_else(|| if layout.ipcache_v2() { n.node_ip(false) } else { None });
-        let key_any = keys_for(cfg, n.encryption_key);
-        for a in &n.addresses {
-            let is_internal = a.addr_type == "CiliumInternalIP";
-            let mut ids = remote_node_ids.clone();
-            ids.insert(7); // kube-apiserver backends get 7 (not knowable from the kvstore)
-            if n.node_identity != 0 {
-                ids.insert(n.node_identity);
-            }
-            let tunnels = if is_internal {
-                set([underlay])
-            } else if cfg.encryption == Some(false) && cfg.host_firewall == Some(false) {
-                set([None])
-            } else {
-                set([None, underlay])
-            };
-            b.expect(
-                IpNet::from(a.ip),
-                || Expectation {
-                    identities: ids,
-                    tunnel_endpoints: tunnels,
-                    encrypt_keys: key_any.clone(),
-                    // v1.10-v1.12 in "legacy" mode insert only the CiliumInternalIP.
-                    required: is_internal || layout >= Layout::V1_14,
-                    rule: "remote node address (nodes/v1)",
-                    kvstore_key: Some(n.meta.key.clone()),
-                },
-            );
-        }
-        let mut health_keys = set([0, n.encryption_key]);
-        if layout >= Layout::V1_15 {
-            health_keys.insert(255); // WireGuard
-        }
-        for (ip, id, rule) in [
-            (n.ipv4_health_ip, identity::HEALTH, "remote health endpoint (nodes/v1)"),
-            (n.ipv6_health_ip, identity::HEALTH, "remote health endpoint (nodes/v1)"),
-            (n.ipv4_ingress_ip, 8, "remote ingress IP (nodes/v1)"),
-            (n.ipv6_ingress_ip, 8, "remote ingress IP (nodes/v1)"),
-        ] {
-            let Some(ip) = ip else { continue };
-            b.expect(
-                IpNet::from(ip),
-                || Expectation {
-                    identities: set([id]),
-                    tunnel_endpoints: set([underlay]),
-                    encrypt_keys: if cfg.encryption.is_none() { None } else { Some(health_keys.clone()) },
-                    required: true,
-                    rule,
-                    kvstore_key: Some(n.meta.key.clone()),
-                },
-            );
-        }
-        if layout.ipcache_v2() {
-            let cidrs = n.ipv4_alloc_cidr.iter().chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_alloc_cidr).chain(&n.ipv6_secondary_alloc_cidrs);
-            for c in cidrs {
-                b.expect(
-                    c.trunc(),
-                    || Expectation {
-                        identities: world(c.addr().is_ipv6()),
-                        tunnel_endpoints: set([underlay]),
-                        encrypt_keys: key_any.clone(),
-                        required: true,
-                        rule: "remote pod CIDR (nodes/v1, v1.18+)",
-                        kvstore_key: Some(n.meta.key.clone()),
-                    },
-                );
-            }
-        }
-        if layout.has_tunnel_map() && tunnel_on {
-            if let Some(endpoint) = n.node_ip(true) {
-                for c in [n.ipv4_alloc_cidr, n.ipv6_alloc_cidr].into_iter().flatten() {
-                    tunnel_map.insert(
-                        c.network(),
-                        ExpectedTunnel { endpoint, encrypt_keys: set([0, n.encryption_key]), node_key: n.meta.key.clone() },
-                    );
-                }
+    let health = r.rule("remote health endpoint (nodes/v1)", "deleted node's health endpoint, in Cilium's hold-off (nodes/v1)");
+    let ingress = r.rule("remote ingress IP (nodes/v1)", "deleted node's ingress IP, in Cilium's hold-off (nodes/v1)");
+    for (ip, id, rule) in [
+        (n.ipv4_health_ip, identity::HEALTH, health),
+        (n.ipv6_health_ip, identity::HEALTH, health),
+        (n.ipv4_ingress_ip, 8, ingress),
+        (n.ipv6_ingress_ip, 8, ingress),
+    ] {
+        let Some(ip) = ip else { continue };
+        b.expect(IpNet::from(ip), || Expectation {
+            identities: set([id]),
+            tunnel_endpoints: set([r.underlay]),
+            encrypt_keys: if ctx.config.encryption.is_none() { None } else { Some(keys.clone()) },
+            required: r.required,
+            rule,
+            kvstore_key: Some(n.meta.key.clone()),
+        });
+    }
+}
+
+/// Rule 9 (v1.18+): other nodes' pod CIDRs map to world behind the node IP.
+fn remote_pod_cidrs(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, families: Families) {
+    if !ctx.layout.ipcache_v2() {
+        return;
+    }
+    let n = r.node;
+    let cidrs = n.ipv4_alloc_cidr.iter().chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_alloc_cidr).chain(&n.ipv6_secondary_alloc_cidrs);
+    for c in cidrs {
+        b.expect(c.trunc(), || Expectation {
+            identities: world_identities(ctx.layout, families, c.addr().is_ipv6()),
+            tunnel_endpoints: set([r.underlay]),
+            encrypt_keys: keys_for(&ctx.config, n.encryption_key),
+            required: r.required,
+            rule: r.rule("remote pod CIDR (nodes/v1, v1.18+)", "deleted node's pod CIDR, in Cilium's hold-off (nodes/v1, v1.18+)"),
+            kvstore_key: Some(n.meta.key.clone()),
+        });
+    }
+}
+
+/// Tunnel map (v1.17 and older, tunnel mode): each of a node's alloc CIDRs → its IPv4 node IP.
+fn remote_tunnel_entries(tunnel_map: &mut BTreeMap<IpAddr, ExpectedTunnel>, r: &RemoteNode<'_>) {
+    let n = r.node;
+    let Some(endpoint) = n.node_ip(true) else { return };
+    for c in [n.ipv4_alloc_cidr, n.ipv6_alloc_cidr].into_iter().flatten() {
+        let t = ExpectedTunnel { endpoint, encrypt_keys: set([0, n.encryption_key]), node_key: n.meta.key.clone(), required: r.required };
+        // A present node's entry wins over a deleted one's for the same CIDR.
+        match tunnel_map.get(&c.network()) {
+            Some(existing) if existing.required && !r.required => {}
+            _ => {
+                tunnel_map.insert(c.network(), t);
             }
         }
     }
-    b.exp.tunnel = (layout.has_tunnel_map() && tunnel_on).then_some(tunnel_map);
-    b.exp
 }

@@ -22,9 +22,11 @@ use crate::datapath::addresses::HostAddresses;
 use crate::datapath::events::{DatapathChange, Entry};
 use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
+use crate::kvstore::history::HeldNode;
 use crate::kvstore::reader::{self, KvstoreSnapshot};
 use crate::kvstore::values::{KvMeta, NodeEntry, IP_PREFIX, NODES_PREFIX};
 use crate::kvstore::watch::Change;
+use crate::model::identity::{self, IdentityScope};
 
 /// What a re-check looked at: findings outside it are left as they were.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +74,12 @@ pub struct LiveCheck {
     /// index over 500k entries would cost ~35 MB; this costs what changed.
     ipcache_changes: HashMap<(IpNet, u16), Option<IpcacheEntry>>,
     touched: HashSet<IpNet>,
+    /// Global identity → `ip/v1` entries plus observed ipcache entries (cluster 0) using it,
+    /// kept with the changes: the identities section of a scoped re-check covers the node.
+    id_users: HashMap<u32, usize>,
+    /// Cilium's node-delete hold-off: a remote node's entries stay expected (optional) this
+    /// long after its key was seen deleted.
+    hold_off: std::time::Duration,
     full: bool,
     reread: bool,
 }
@@ -91,12 +99,53 @@ impl LiveCheck {
             other_spaces: 0,
             ipcache_changes: HashMap::new(),
             touched: HashSet::new(),
+            id_users: HashMap::new(),
+            hold_off: std::time::Duration::ZERO,
             full: true,
             reread: false,
         };
         live.index_kvstore();
         live.sort_ipcache();
+        live.count_identity_users();
         live
+    }
+
+    fn count_identity_users(&mut self) {
+        self.id_users.clear();
+        let ips = self.reading.kvstore.ips.iter().map(|e| e.identity);
+        let observed = self.reading.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0).map(|e| e.identity);
+        for id in ips.chain(observed).collect::<Vec<_>>() {
+            self.count_identity(id, 1);
+        }
+    }
+
+    fn count_identity(&mut self, id: u32, delta: isize) {
+        if identity::scope(id) != IdentityScope::Global {
+            return;
+        }
+        let n = self.id_users.entry(id).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.id_users.remove(&id);
+        }
+    }
+
+    /// The identities in use, with evidence prefixes for those the kvstore lacks (rare: the
+    /// entries are scanned only then).
+    fn identity_users(&self) -> diff::IdentityUsers {
+        let kv = &self.reading.kvstore;
+        let missing: HashSet<u32> = self.id_users.keys().copied().filter(|id| !kv.identities.contains_key(id)).collect();
+        let mut users = diff::IdentityUsers::default();
+        if !missing.is_empty() {
+            let ips = kv.ips.iter().filter(|e| missing.contains(&e.identity));
+            let sorted = self.reading.datapath.ipcache.entries.iter().filter(|e| !self.ipcache_changes.contains_key(&(e.prefix, e.cluster_id)));
+            let observed = sorted.chain(self.ipcache_changes.values().flatten()).filter(|e| missing.contains(&e.identity));
+            users = diff::IdentityUsers::of(ips, observed);
+        }
+        for (id, n) in &self.id_users {
+            users.by_id.entry(*id).or_default().0 = *n;
+        }
+        users
     }
 
     fn index_kvstore(&mut self) {
@@ -122,7 +171,15 @@ impl LiveCheck {
     }
 
     fn set_ipcache_entry(&mut self, key: (IpNet, u16), entry: Option<IpcacheEntry>) {
-        let existed = self.ipcache_entry(&key).is_some();
+        let old_id = self.ipcache_entry(&key).map(|e| e.identity);
+        let existed = old_id.is_some();
+        if key.1 == 0 {
+            for (id, delta) in [(old_id, -1), (entry.as_ref().map(|e| e.identity), 1)] {
+                if let Some(id) = id {
+                    self.count_identity(id, delta);
+                }
+            }
+        }
         let dump = &mut self.reading.datapath.ipcache;
         dump.entry_count = (dump.entry_count + usize::from(entry.is_some())).saturating_sub(usize::from(existed));
         fill(dump);
@@ -159,14 +216,17 @@ impl LiveCheck {
         self.reading.host = host;
         self.reading.datapath_read_at = chrono::Utc::now();
         self.sort_ipcache();
+        self.count_identity_users();
         self.full = true;
         self.reread = false;
     }
 
-    pub fn replace_kvstore(&mut self, kvstore: KvstoreSnapshot) {
+    pub fn replace_kvstore(&mut self, mut kvstore: KvstoreSnapshot) {
+        kvstore.held_nodes = std::mem::take(&mut self.reading.kvstore.held_nodes);
         self.reading.kvstore = kvstore;
         self.reading.kvstore_read_at = chrono::Utc::now();
         self.index_kvstore();
+        self.count_identity_users();
         self.full = true;
     }
 
@@ -190,11 +250,77 @@ impl LiveCheck {
         self.reading.health = health;
     }
 
+    /// Models Cilium's node-delete hold-off (0: a deleted node's entries are stale at once).
+    pub fn set_hold_off(&mut self, hold_off: std::time::Duration) {
+        self.hold_off = hold_off;
+    }
+
+    /// Nodes deleted before the agent started whose hold-off may not have ended (found in
+    /// etcd's history).
+    pub fn hold_nodes(&mut self, held: Vec<HeldNode>) {
+        for h in held {
+            self.touched.extend(node_prefixes(&h.node));
+            self.reading.kvstore.held_nodes.retain(|x| x.key() != h.key());
+            self.reading.kvstore.held_nodes.push(h);
+        }
+    }
+
+    /// The nodes in their hold-off.
+    pub fn held_nodes(&self) -> &[HeldNode] {
+        &self.reading.kvstore.held_nodes
+    }
+
+    /// Ends the hold-offs due by `now`; their nodes' entries are re-checked (now stale if
+    /// still there). Returns whether any ended.
+    pub fn expire_held(&mut self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let (done, keep): (Vec<HeldNode>, Vec<HeldNode>) = std::mem::take(&mut self.reading.kvstore.held_nodes).into_iter().partition(|h| h.held_until <= now);
+        self.reading.kvstore.held_nodes = keep;
+        for h in &done {
+            self.touched.extend(node_prefixes(&h.node));
+        }
+        !done.is_empty()
+    }
+
+    /// When the next hold-off ends.
+    pub fn next_hold_end(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.reading.kvstore.held_nodes.iter().map(|h| h.held_until).min()
+    }
+
+    /// A remote node's key was deleted: Cilium keeps its entries for the hold-off.
+    fn hold_deleted_node(&mut self, key: &str) {
+        let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key) else { return };
+        if self.hold_off.is_zero() || (n.name == self.node_name && n.cluster == self.cluster) {
+            return;
+        }
+        let now = chrono::Utc::now();
+        let held = HeldNode {
+            node: n.clone(),
+            deleted_revision: 0,
+            deleted_after: None,
+            deleted_by: now,
+            held_until: now + chrono::Duration::from_std(self.hold_off).unwrap_or_default(),
+            bounded_by: "seen deleted on kvcheck's watch".into(),
+        };
+        self.hold_nodes(vec![held]);
+    }
+
     /// Applies watch changes (already in revision order) to the kvstore copy.
     pub fn apply_kvstore(&mut self, changes: &[Change], revision: i64) {
         for c in changes {
             let key = c.key();
             self.touch_key(key);
+            if key.starts_with(NODES_PREFIX) {
+                match c {
+                    Change::Delete { mod_revision, .. } => {
+                        self.hold_deleted_node(key);
+                        if let Some(h) = self.reading.kvstore.held_nodes.iter_mut().find(|h| h.key() == key) {
+                            h.deleted_revision = *mod_revision;
+                        }
+                    }
+                    // Back within the hold-off: Cilium drops the pending delete.
+                    Change::Put { .. } => self.reading.kvstore.held_nodes.retain(|h| h.key() != key),
+                }
+            }
             self.remove_key(key);
             if let Change::Put { key, value, mod_revision, lease } = c {
                 let meta = KvMeta { key: key.clone(), mod_revision: *mod_revision, lease: *lease };
@@ -202,11 +328,13 @@ impl LiveCheck {
                 let before = snap.ips.len();
                 reader::decode_raw_into(snap, std::iter::once((meta, value.as_bytes())), None);
                 if let Some(e) = snap.ips.get(before) {
+                    let id = e.identity;
                     self.ip_at.insert(Box::from(key.as_str()), before);
                     if e.host_ip.is_some_and(|h| self.hosts.contains(&h)) {
                         self.hosted.insert(Box::from(key.as_str()));
                     }
                     self.other_spaces += usize::from(!key.starts_with(DEFAULT_SPACE));
+                    self.count_identity(id, 1);
                 }
                 self.touch_key(key);
             }
@@ -233,6 +361,9 @@ impl LiveCheck {
     }
 
     fn remove_key(&mut self, key: &str) {
+        if let Some(id) = self.ip_at.get(key).map(|i| self.reading.kvstore.ips[*i].identity) {
+            self.count_identity(id, -1);
+        }
         let snap = &mut self.reading.kvstore;
         if key.starts_with(IP_PREFIX) {
             if let Some(i) = self.ip_at.remove(key) {
@@ -330,7 +461,8 @@ impl LiveCheck {
             };
             let r = &self.reading;
             let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
-            let findings = diff::diff_scoped(&exp, &ctx, &obs, self.touched.iter(), |p| self.ipcache_entry(&(*p, 0)));
+            let users = self.identity_users();
+            let findings = diff::diff_scoped(&exp, &ctx, &obs, self.touched.iter(), |p| self.ipcache_entry(&(*p, 0)), &users);
             Recheck { findings, scope: Scope::Prefixes(self.touched.iter().map(ToString::to_string).collect()) }
         };
         self.touched.clear();

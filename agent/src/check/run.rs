@@ -17,6 +17,7 @@ use crate::datapath::{self, DatapathSnapshot, ReadOptions};
 use crate::kvstore::client::Etcd;
 use crate::kvstore::config::EtcdSettings;
 use crate::kvstore::health::{self, ClusterHealth};
+use crate::kvstore::history::{self, HeldNode};
 use crate::kvstore::reader::{self, KvstoreSnapshot, ListOptions};
 
 #[derive(Clone, Debug)]
@@ -33,6 +34,11 @@ pub struct CheckOptions {
     pub config_overrides: DatapathConfig,
     /// Wait this long and re-read what the findings touch; 0 disables.
     pub settle: Duration,
+    /// Cilium's node-delete hold-off (`NodeDeleteDelay`); 0 disables the modelling.
+    pub hold_off: Duration,
+    /// When a deleted node's entries are held and its delete cannot be placed before
+    /// now - hold-off, wait the hold-off out and check again (else report them as held).
+    pub hold_off_wait: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +99,41 @@ pub struct SettleInfo {
     pub reread_at: Option<String>,
 }
 
+/// Entries a deleted node left that Cilium may still hold (its node-delete hold-off).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HoldOffInfo {
+    pub window_ms: u128,
+    /// Deleted nodes whose hold-off had not certainly ended.
+    pub nodes: Vec<HeldNodeInfo>,
+    /// Findings the hold-off explains: not reported as drift.
+    pub held: Vec<(FindingKind, String)>,
+    /// How long the check waited for hold-offs to end before its final pass.
+    pub waited_ms: u128,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HeldNodeInfo {
+    pub key: String,
+    pub deleted_revision: i64,
+    pub deleted_after: Option<String>,
+    pub deleted_by: String,
+    pub held_until: String,
+    pub bounded_by: String,
+}
+
+impl HeldNodeInfo {
+    fn of(h: &HeldNode) -> Self {
+        HeldNodeInfo {
+            key: h.key().to_owned(),
+            deleted_revision: h.deleted_revision,
+            deleted_after: h.deleted_after.map(|t| t.to_rfc3339()),
+            deleted_by: h.deleted_by.to_rfc3339(),
+            held_until: h.held_until.to_rfc3339(),
+            bounded_by: h.bounded_by.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Sources {
     pub datapath: DatapathSource,
@@ -111,6 +152,7 @@ pub struct CheckReport {
     pub findings: Vec<Finding>,
     pub sources: Sources,
     pub settle: SettleInfo,
+    pub hold_off: HoldOffInfo,
     pub duration_ms: u128,
 }
 
@@ -184,6 +226,43 @@ pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSe
 
 pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let started = std::time::Instant::now();
+    let mut pass = check_once(opts, &[]).await?;
+    if opts.hold_off_wait && !pass.hold_off.held.is_empty() {
+        // A deleted node's entries are still there and its delete cannot be placed far enough
+        // back: wait until Cilium has certainly applied it (a delete is never later than the
+        // read), then check afresh; what is still there now is drift.
+        let until = pass.held_until.unwrap_or_else(chrono::Utc::now) + chrono::Duration::from_std(opts.settle).unwrap_or_default();
+        let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default().min(opts.hold_off + opts.settle);
+        tracing::info!(wait = ?wait, held = pass.hold_off.held.len(), "waiting for Cilium's node-delete hold-off to end");
+        tokio::time::sleep(wait).await;
+        let held_before = pass.hold_off.nodes.clone();
+        let first_read = (pass.first_revision, pass.first_read_at);
+        pass = check_once(opts, &[first_read]).await?;
+        pass.hold_off.waited_ms = wait.as_millis();
+        if pass.hold_off.nodes.is_empty() {
+            pass.hold_off.nodes = held_before;
+        }
+    }
+    let Pass { reading, findings, assumptions, settle, hold_off, first_revision, config, .. } = pass;
+    Ok(report(opts, reading, findings, assumptions, settle, hold_off, first_revision, config, started.elapsed()))
+}
+
+/// One read, diff, hold-off and settle of the node.
+struct Pass {
+    reading: Reading,
+    findings: Vec<Finding>,
+    assumptions: Vec<String>,
+    settle: SettleInfo,
+    hold_off: HoldOffInfo,
+    /// The latest hold-off end among the held nodes that explain findings.
+    held_until: Option<chrono::DateTime<chrono::Utc>>,
+    first_revision: i64,
+    first_read_at: chrono::DateTime<chrono::Utc>,
+    config: DatapathConfig,
+}
+
+/// `earlier`: reads of earlier passes `(revision, time)`, which bound when a delete happened.
+async fn check_once(opts: &CheckOptions, earlier: &[(i64, chrono::DateTime<chrono::Utc>)]) -> Result<Pass, CheckError> {
     let cfg = node_config(opts)?;
     let (etcd, health) = health::connect_healthy(&opts.etcd, opts.etcd_timeout).await?;
     let kvstore = reader::read_snapshot(&etcd, &opts.list).await?;
@@ -193,6 +272,23 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
     let (mut findings, assumptions) = evaluate(&ctx, &reading);
     let first_revision = reading.kvstore.revision;
+
+    // Entries of a node deleted less than the hold-off ago are Cilium's, not drift.
+    let mut hold_off = HoldOffInfo { window_ms: opts.hold_off.as_millis(), ..Default::default() };
+    let mut held_until = None;
+    let stale = |f: &Finding| matches!(f.kind, FindingKind::IpcacheStale | FindingKind::TunnelStale);
+    if !opts.hold_off.is_zero() && findings.iter().any(stale) {
+        let held = history::recent_node_deletes(&etcd, &reading.kvstore, kvstore_read_at, chrono::Utc::now(), opts.hold_off, earlier).await?;
+        if !held.is_empty() {
+            reading.kvstore.held_nodes = held;
+            let (with_held, _) = evaluate(&ctx, &reading);
+            let remaining: BTreeSet<(FindingKind, String)> = with_held.iter().map(Finding::id).collect();
+            hold_off.held = findings.iter().map(Finding::id).filter(|id| !remaining.contains(id)).collect();
+            hold_off.nodes = reading.kvstore.held_nodes.iter().map(HeldNodeInfo::of).collect();
+            held_until = reading.kvstore.held_nodes.iter().map(|h| h.held_until).max();
+            findings = with_held;
+        }
+    }
 
     let mut settle = SettleInfo { window_ms: opts.settle.as_millis(), settled: Vec::new(), reread_keys: 0, reread_revision: None, reread_at: None };
     if !findings.is_empty() && !opts.settle.is_zero() {
@@ -218,8 +314,7 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         settle.reread_revision = Some(rev);
         settle.reread_at = Some(reading.kvstore_read_at.to_rfc3339());
     }
-
-    Ok(report(opts, reading, findings, assumptions, settle, first_revision, cfg, started.elapsed()))
+    Ok(Pass { reading, findings, assumptions, settle, hold_off, held_until, first_revision, first_read_at: kvstore_read_at, config: cfg })
 }
 
 #[allow(clippy::too_many_arguments, reason = "assembles the report from the check's parts")]
@@ -229,6 +324,7 @@ fn report(
     findings: Vec<Finding>,
     assumptions: Vec<String>,
     settle: SettleInfo,
+    hold_off: HoldOffInfo,
     revision: i64,
     config: DatapathConfig,
     took: Duration,
@@ -263,6 +359,7 @@ fn report(
             assumptions,
         },
         settle,
+        hold_off,
         duration_ms: took.as_millis(),
     }
 }

@@ -1,8 +1,9 @@
 //! Live datapath changes: BPF change events from `agent-ebpf` (a tracepoint on bpf() that
 //! reports updates and deletes of the watched maps, filtered in the kernel by map id), or, when
 //! the program cannot run here, periodic snapshot diffing. Either way each change is confirmed
-//! by re-reading the key from the pinned map (the event fires before the kernel validates the
-//! update, so a failed update yields nothing) and reported as added / updated / removed.
+//! by re-reading the key from the pinned map and reported as added / updated / removed. The
+//! program reports a call at `sys_exit_bpf`, after the kernel has applied it, so the re-read
+//! always sees the write (or a later one); calls the kernel refused are not re-read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -277,11 +278,15 @@ impl ChangeFeed {
             let changes = match &mut self.source {
                 #[cfg(kvcheck_ebpf)]
                 Source::Ebpf(program) => {
-                    let events = program.next_events().await.map_err(|e| DatapathError::Read { path: "ring buffer".into(), source: e })?;
+                    let (events, lost) = program.next_events().await.map_err(|e| DatapathError::Read { path: "ring buffer".into(), source: e })?;
                     // Coalesce: one confirmation per (map, key); a truncated batch re-reads the map.
                     let mut keys: BTreeMap<(u32, Vec<u8>), ()> = BTreeMap::new();
                     let mut resync: Vec<u32> = Vec::new();
                     for ev in events {
+                        if ev.failed() {
+                            // The kernel refused a single-key call: the map is unchanged.
+                            continue;
+                        }
                         if ev.truncated {
                             resync.push(ev.map_id);
                         } else {
@@ -290,7 +295,8 @@ impl ChangeFeed {
                     }
                     let mut out = Vec::new();
                     for w in &mut self.maps {
-                        if resync.contains(&w.map.meta.id) {
+                        // Events dropped on a full ring buffer: any map may have changed.
+                        if lost || resync.contains(&w.map.meta.id) {
                             out.extend(w.resync(self.layout, "ebpf")?);
                         }
                     }
@@ -329,7 +335,7 @@ mod ebpf {
 
     use std::path::Path;
 
-    use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
     use aya::programs::TracePoint;
     use tokio::io::unix::AsyncFd;
 
@@ -346,19 +352,36 @@ mod ebpf {
         cmd: u32,
         key_size: u32,
         truncated: u32,
+        ret: i32,
+        _pad: u32,
         key: [u8; KEY_MAX],
     }
 
+    /// Batch commands (their result may be negative with some keys processed).
+    const BATCH_CMDS: [u32; 3] = [25, 26, 27];
+
     pub struct Event {
         pub map_id: u32,
+        pub cmd: u32,
         pub key: Vec<u8>,
         pub truncated: bool,
+        /// The bpf() call's result (0 or a negative errno).
+        pub ret: i32,
+    }
+
+    impl Event {
+        /// A single-key call the kernel refused (a refused batch may have done part of its keys).
+        pub fn failed(&self) -> bool {
+            self.ret < 0 && !BATCH_CMDS.contains(&self.cmd)
+        }
     }
 
     pub struct Program {
         // Keeps the program attached for as long as the feed lives.
         _ebpf: aya::Ebpf,
         ring: AsyncFd<RingBuf<MapData>>,
+        lost: PerCpuArray<MapData, u64>,
+        lost_seen: u64,
     }
 
     fn ensure_tracefs() {
@@ -394,22 +417,35 @@ mod ebpf {
                     watched.insert(id, key_size, 0).map_err(|e| format!("watching map {id}: {e}"))?;
                 }
             }
-            let prog: &mut TracePoint = ebpf
-                .program_mut("sys_enter_bpf")
-                .ok_or("program sys_enter_bpf missing")?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-            prog.load().map_err(|e| format!("loading the tracepoint program: {e}"))?;
-            prog.attach("syscalls", "sys_enter_bpf").map_err(|e| format!("attaching to syscalls/sys_enter_bpf: {e}"))?;
+            // Exit first: an enter seen without its exit program would only fill PENDING.
+            for name in ["sys_exit_bpf", "sys_enter_bpf"] {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| format!("program {name} missing"))?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                prog.load().map_err(|e| format!("loading the tracepoint program {name}: {e}"))?;
+                prog.attach("syscalls", name).map_err(|e| format!("attaching to syscalls/{name}: {e}"))?;
+            }
             let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or("program has no EVENTS map")?).map_err(|e| e.to_string())?;
+            let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or("program has no LOST map")?).map_err(|e| e.to_string())?;
             // The ring buffer owns its fd for as long as the AsyncFd lives.
             #[allow(deprecated, reason = "AsyncFd::new is sound here: RingBuf owns the fd")]
             let ring = AsyncFd::new(ring).map_err(|e| format!("ring buffer: {e}"))?;
-            Ok(Program { _ebpf: ebpf, ring })
+            Ok(Program { _ebpf: ebpf, ring, lost, lost_seen: 0 })
         }
 
-        /// Waits until events arrive and returns all that are queued.
-        pub async fn next_events(&mut self) -> std::io::Result<Vec<Event>> {
+        /// Events the program dropped (ring buffer full) since the last call.
+        fn newly_lost(&mut self) -> bool {
+            let total: u64 = self.lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            let grew = total > self.lost_seen;
+            self.lost_seen = total;
+            grew
+        }
+
+        /// Waits until events arrive and returns all that are queued, and whether events were
+        /// dropped since the last call (the maps must then be re-read).
+        pub async fn next_events(&mut self) -> std::io::Result<(Vec<Event>, bool)> {
             loop {
                 let mut guard = self.ring.readable_mut().await?;
                 let ring = guard.get_inner_mut();
@@ -419,12 +455,14 @@ mod ebpf {
                         // SAFETY: the program writes a whole RawEvent per record; read unaligned.
                         let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                         let n = (raw.key_size as usize).min(KEY_MAX);
-                        out.push(Event { map_id: raw.map_id, key: raw.key[..n].to_vec(), truncated: raw.truncated != 0 });
+                        out.push(Event { map_id: raw.map_id, cmd: raw.cmd, key: raw.key[..n].to_vec(), truncated: raw.truncated != 0, ret: raw.ret });
                     }
                 }
                 guard.clear_ready();
-                if !out.is_empty() {
-                    return Ok(out);
+                drop(guard);
+                let lost = self.newly_lost();
+                if !out.is_empty() || lost {
+                    return Ok((out, lost));
                 }
             }
         }

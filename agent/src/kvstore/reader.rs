@@ -45,6 +45,9 @@ pub struct KvstoreSnapshot {
     pub malformed: Vec<Malformed>,
     /// Values decoded per kind, including those a [`NodeFilter`] did not keep.
     pub counts: KeyCounts,
+    /// Nodes deleted within Cilium's node-delete hold-off, whose entries the datapath may
+    /// still hold (found in etcd's history by a one-shot check, or seen deleted by the agent).
+    pub held_nodes: Vec<super::history::HeldNode>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

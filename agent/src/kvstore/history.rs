@@ -1,0 +1,179 @@
+//! Nodes deleted recently, from etcd's history: Cilium applies a node delete only after its
+//! hold-off (`NodeDeleteDelay`, 30 s; docs/cilium-expected-state.md), so a one-shot check that
+//! finds a deleted node's entries still in the datapath must know when the key went.
+//!
+//! etcd keeps no times, only revisions. The operator rewrites `cilium/.heartbeat` (an RFC 3339
+//! time) every minute, so its past versions map revisions to times: a delete at revision r
+//! happened before the first heartbeat written after r, and before kvcheck read revision R >= r.
+//! Only the history since the newest heartbeat that is older than the hold-off is searched
+//! (older deletes have certainly been applied); without such a heartbeat, a bounded window of
+//! recent revisions.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use serde::Serialize;
+
+use super::client::{Etcd, KvstoreError};
+use super::reader::{self, KvstoreSnapshot};
+use super::values::{self, KvMeta, NodeEntry, HEARTBEAT_KEY, NODES_PREFIX};
+
+/// A node whose kvstore key was deleted and whose datapath entries Cilium may still hold.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeldNode {
+    /// The node's last value before the delete.
+    pub node: NodeEntry,
+    pub deleted_revision: i64,
+    /// The delete happened after this (the heartbeat written before it), if known.
+    pub deleted_after: Option<DateTime<Utc>>,
+    /// ... and no later than this (the next heartbeat, or when kvcheck saw or read it).
+    pub deleted_by: DateTime<Utc>,
+    /// Cilium has certainly applied the delete by then: `deleted_by` + the hold-off.
+    pub held_until: DateTime<Utc>,
+    /// How `deleted_by` was bounded.
+    pub bounded_by: String,
+}
+
+impl HeldNode {
+    pub fn key(&self) -> &str {
+        &self.node.meta.key
+    }
+}
+
+/// Heartbeat versions followed back at most (one a minute).
+const MAX_HEARTBEATS: usize = 10;
+/// Revisions searched when no heartbeat bounds the window.
+const UNBOUNDED_WINDOW: i64 = 100_000;
+
+/// The node keys deleted at or before `snap.revision` whose hold-off may not have ended by
+/// `now`, except those present again in `snap`. `read_at` is when `snap` was read; `known`
+/// holds earlier reads `(revision, time)`: etcd was at least at that revision by that time.
+pub async fn recent_node_deletes(
+    etcd: &Etcd,
+    snap: &KvstoreSnapshot,
+    read_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    hold_off: Duration,
+    known: &[(i64, DateTime<Utc>)],
+) -> Result<Vec<HeldNode>, KvstoreError> {
+    let hold = chrono::Duration::from_std(hold_off).unwrap_or_default();
+    let beats = heartbeats(etcd, snap, now - hold).await?;
+    // Points (r, t): etcd had reached revision r by time t, so a delete at or before r
+    // happened by t. Heartbeat writes, earlier reads, and this read.
+    let mut points: Vec<(i64, DateTime<Utc>, String)> = beats.iter().map(|(r, t)| (*r, *t, format!("{HEARTBEAT_KEY} written at revision {r}"))).collect();
+    points.extend(known.iter().map(|(r, t)| (*r, *t, format!("kvcheck's earlier read at revision {r}"))));
+    points.push((snap.revision, read_at, format!("kvcheck's read at revision {}", snap.revision)));
+    // Deletes at or before a point older than the hold-off are certainly applied.
+    let start = points.iter().filter(|(_, t, _)| *t <= now - hold).map(|(r, _, _)| r + 1).max();
+    let start = start.unwrap_or((snap.revision - UNBOUNDED_WINDOW).max(1));
+    let deletes = node_deletes(etcd, start, snap.revision).await?;
+    let present: std::collections::HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_str()).collect();
+    let mut out = Vec::new();
+    for (rev, node) in deletes {
+        if present.contains(node.meta.key.as_str()) {
+            continue;
+        }
+        let after = beats.iter().filter(|(r, _)| *r < rev).max_by_key(|(r, _)| *r).map(|(_, t)| *t);
+        let Some((_, deleted_by, bounded_by)) = points.iter().filter(|(r, _, _)| *r >= rev).min_by_key(|(_, t, _)| *t) else { continue };
+        let (deleted_by, bounded_by) = (*deleted_by, bounded_by.clone());
+        out.push(HeldNode { node, deleted_revision: rev, deleted_after: after, deleted_by, held_until: deleted_by + hold, bounded_by });
+    }
+    out.retain(|h| h.held_until > now);
+    Ok(out)
+}
+
+/// `(mod revision, time)` of the heartbeat's versions, newest first, back to the first one
+/// written before `older_than` (or as far as history and [`MAX_HEARTBEATS`] allow).
+async fn heartbeats(etcd: &Etcd, snap: &KvstoreSnapshot, older_than: DateTime<Utc>) -> Result<Vec<(i64, DateTime<Utc>)>, KvstoreError> {
+    let mut out = Vec::new();
+    let Some((meta, value)) = &snap.heartbeat else { return Ok(out) };
+    let mut current = (meta.mod_revision, value.clone());
+    let mut kv = etcd.client.kv_client();
+    while out.len() < MAX_HEARTBEATS {
+        let Some(t) = parse_time(&current.1) else { break };
+        out.push((current.0, t));
+        if t <= older_than || current.0 <= 1 {
+            break;
+        }
+        let opts = GetOptions::new().with_revision(current.0 - 1);
+        let resp = match etcd.call(format!("get {HEARTBEAT_KEY} before revision {}", current.0), kv.get(HEARTBEAT_KEY, Some(opts))).await {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("compacted") => break,
+            Err(e) => return Err(e),
+        };
+        let Some(prev) = resp.kvs().first() else { break };
+        current = (prev.mod_revision(), String::from_utf8_lossy(prev.value()).into_owned());
+    }
+    Ok(out)
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// The last delete of each node key in revisions `from..=to`, with the value it deleted. A
+/// compacted `from` restarts at the oldest revision etcd kept.
+async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeEntry)>, KvstoreError> {
+    let mut from = from;
+    let mut last: std::collections::BTreeMap<String, (i64, NodeEntry)> = std::collections::BTreeMap::new();
+    if from > to {
+        return Ok(Vec::new());
+    }
+    let what = |from: i64| format!("watch {NODES_PREFIX} history from revision {from}");
+    let mut client = etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
+    let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
+    let mut stream = etcd.call(what(from), client.watch(NODES_PREFIX, Some(opts))).await?;
+    // Historical events arrive in order; etcd answers a progress request only once the
+    // watcher has caught up, so a progress response at or past `to` ends the search.
+    let deadline = tokio::time::Instant::now() + etcd.timeout * 2;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)), stream.message()).await {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(KvstoreError::Timeout { endpoints: etcd.endpoints.join(","), operation: what(from), timeout: etcd.timeout * 2 })
+            }
+            Err(_) => {
+                let _ = stream.request_progress().await;
+                continue;
+            }
+            Ok(Err(e)) => return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: super::client::describe(&e) }),
+            Ok(Ok(None)) => return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: "watch closed".into() }),
+            Ok(Ok(Some(m))) => m,
+        };
+        if msg.canceled() && msg.compact_revision() > from {
+            // Restart from what etcd still has (older deletes are long applied).
+            from = msg.compact_revision();
+            let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
+            stream = etcd.call(what(from), client.watch(NODES_PREFIX, Some(opts))).await?;
+            continue;
+        }
+        if msg.canceled() {
+            return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: format!("watch canceled: {}", msg.cancel_reason()) });
+        }
+        let mut done = false;
+        for ev in msg.events() {
+            let Some(kv) = ev.kv() else { continue };
+            if kv.mod_revision() > to {
+                done = true;
+                break;
+            }
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match ev.event_type() {
+                EventType::Put => {
+                    last.remove(&key);
+                }
+                EventType::Delete => {
+                    let Some(prev) = ev.prev_kv() else { continue };
+                    let meta = KvMeta { key: key.clone(), mod_revision: prev.mod_revision(), lease: prev.lease() };
+                    if let Ok(node) = values::decode_node(meta, prev.value()) {
+                        last.insert(key, (kv.mod_revision(), node));
+                    }
+                }
+            }
+        }
+        let caught_up = !msg.created() && msg.events().is_empty() && msg.header().is_some_and(|h| h.revision() >= to);
+        if done || caught_up || msg.events().last().and_then(|e| e.kv()).is_some_and(|kv| kv.mod_revision() >= to) {
+            return Ok(last.into_values().collect());
+        }
+    }
+}
