@@ -4,6 +4,19 @@
 use std::collections::BTreeMap;
 
 pub const REAL_1_7_1: &str = include_str!("../data/real-cilium-1.7.1-node.txt");
+/// A real Cilium 1.16.15 agent's node (tcx attach, vxlan, IPv4, kvstore mode).
+pub const REAL_1_16_15: &str = include_str!("../data/real-cilium-1.16.15-node.txt");
+
+/// One `ip -o addr` line → (interface, address/len) for global-scope addresses. Takes the
+/// short `eth0 10.5.1.132/24` form and iproute2's `2: eth0    inet 10.5.1.132/24 scope global`.
+pub fn address_line(line: &str) -> Option<(String, String)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        [dev, addr] => Some(((*dev).to_owned(), (*addr).to_owned())),
+        [_, dev, "inet" | "inet6", addr, "scope", "global", ..] => Some(((*dev).to_owned(), (*addr).to_owned())),
+        _ => None,
+    }
+}
 
 /// The file's `## heading` sections, each with its non-empty lines.
 pub fn sections(text: &str) -> BTreeMap<String, Vec<String>> {
@@ -23,10 +36,10 @@ pub fn sections(text: &str) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// The section whose heading starts with `prefix`.
+/// The section whose heading contains `prefix`.
 pub fn section<'a>(s: &'a BTreeMap<String, Vec<String>>, prefix: &str) -> &'a [String] {
     s.iter()
-        .find(|(h, _)| h.starts_with(prefix))
+        .find(|(h, _)| h.contains(prefix))
         .map(|(_, l)| l.as_slice())
         .unwrap_or_else(|| panic!("sample has no section starting with {prefix:?}"))
 }

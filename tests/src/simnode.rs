@@ -27,13 +27,35 @@ pub struct SimulatedNode {
     pub state_dir: PathBuf,
 }
 
+/// The identity of the remote pod 10.6.7.20 that the 1.7.1 capture's author put into etcd by
+/// hand without its identity key (labels from a real 1.7 cluster, `seed-node-k8s-node1.txt`).
+/// Without it, the capture has a real `identity-missing` drift.
+pub const HAND_PUT_IDENTITY: (&str, &str) = (
+    "cilium/state/identities/v1/id/12928",
+    "k8s:app=istio-ingressgateway;k8s:chart=gateways;k8s:heritage=Tiller;k8s:io.cilium.k8s.policy.cluster=default;k8s:io.cilium.k8s.policy.serviceaccount=ai-ingressgateway-service-account;k8s:io.kubernetes.pod.namespace=istio-system;k8s:istio=ai-ingressgateway;k8s:release=istio;",
+);
+
 impl SimulatedNode {
     /// The real Cilium 1.7.1 node k8s-node1 of `tests/data/real-cilium-1.7.1-node.txt`:
     /// maps, etcd keys, addresses and node_config.h exactly as captured.
+    /// Plus [`HAND_PUT_IDENTITY`], which completes the capture's hand-put remote pod.
     pub fn real_1_7_1() -> anyhow::Result<SimulatedNode> {
-        let s = sample::sections(sample::REAL_1_7_1);
+        let node = Self::from_sample(sample::REAL_1_7_1, Layout::V1_7)?;
+        node.etcd_put(HAND_PUT_IDENTITY.0, HAND_PUT_IDENTITY.1)?;
+        Ok(node)
+    }
+
+    /// The real Cilium 1.16.15 node k8s-node1 of `tests/data/real-cilium-1.16.15-node.txt`.
+    pub fn real_1_16_15() -> anyhow::Result<SimulatedNode> {
+        Self::from_sample(sample::REAL_1_16_15, Layout::V1_15)
+    }
+
+    /// A node recreated from a capture of a real agent: its map bytes, addresses, etcd keys and
+    /// node_config.h defines.
+    fn from_sample(text: &str, layout: Layout) -> anyhow::Result<SimulatedNode> {
+        let s = sample::sections(text);
         let bpffs = BpffsMount::new()?;
-        let maps = CiliumMaps::create(&bpffs, Layout::V1_7)?;
+        let maps = CiliumMaps::create(&bpffs, layout)?;
         let write = |map: &WriterMap, name: &str| -> std::io::Result<()> {
             let heading = format!("bpftool map dump pinned /sys/fs/bpf/tc/globals/{name}");
             for (k, v) in sample::bpftool_entries(sample::section(&s, &heading)) {
@@ -49,28 +71,36 @@ impl SimulatedNode {
 
         let netns = Netns::new("kvcheck-node")?;
         for line in sample::section(&s, "ip -o addr") {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match f.as_slice() {
-                ["lo", ..] => {}
-                ["cilium_host", addr] => netns.add_cilium_host(&[addr])?,
-                [dev, addr] => netns.add_interface(dev, &[addr])?,
-                _ => anyhow::bail!("unexpected address line {line:?}"),
+            match sample::address_line(line) {
+                Some((dev, _)) if dev == "lo" => {}
+                Some((dev, addr)) if dev == "cilium_host" => netns.add_cilium_host(&[&addr])?,
+                Some((dev, addr)) => netns.add_interface(&dev, &[&addr])?,
+                // Link-local and loopback lines of iproute2's long form: Cilium ignores them.
+                None if line.contains("scope link") || line.contains("scope host") => {}
+                None => anyhow::bail!("unexpected address line {line:?}"),
             }
         }
 
         let etcd = EtcdCluster::single()?;
-        etcd.put_all(&sample::etcd_pairs(sample::section(&s, "etcdctl get --prefix cilium/")))?;
+        let mut pairs = sample::etcd_pairs(sample::section(&s, "etcdctl get --prefix cilium/"));
+        // The capture's heartbeat was current when it was taken; the operator keeps it so.
+        for (k, v) in &mut pairs {
+            if k == "cilium/.heartbeat" {
+                *v = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            }
+        }
+        etcd.put_all(&pairs)?;
 
         let state_dir = bpffs.root.with_extension("state");
         std::fs::create_dir_all(state_dir.join("globals"))?;
-        let defines: Vec<&str> = sample::section(&s, "/var/run/cilium/state/globals/node_config.h")
+        let defines: Vec<&str> = sample::section(&s, "node_config.h")
             .iter()
             .map(String::as_str)
             .filter(|l| l.starts_with("#define"))
             .collect();
         std::fs::write(state_dir.join("globals/node_config.h"), defines.join("\n") + "\n")?;
 
-        Ok(SimulatedNode { name: "k8s-node1", layout: Layout::V1_7, maps, bpffs, netns, etcd, state_dir })
+        Ok(SimulatedNode { name: "k8s-node1", layout, maps, bpffs, netns, etcd, state_dir })
     }
 
     /// `kvcheck check` arguments that point at this node (run inside its netns).

@@ -72,6 +72,14 @@ fn real_cilium_1_7_1_node_checks_clean_and_reports_a_missing_remote_pod() {
     let (code, doc) = check(&node, &["--cilium-version", "1.7"]);
     assert_eq!((code, &doc["findings"]), (Some(0), &serde_json::json!([])), "{doc:#}");
 
+    // The capture's remote pod was put into etcd by hand without its identity: that is drift
+    // (this node's policy needs the labels of every identity its ipcache carries).
+    node.etcd_del(kvcheck_tests::simnode::HAND_PUT_IDENTITY.0).unwrap();
+    let (code, doc) = check(&node, &["--cilium-version", "1.7"]);
+    assert_eq!((code, kinds_and_subjects(&doc)), (Some(1), BTreeSet::from([("identity-missing".to_owned(), "12928".to_owned())])), "{doc:#}");
+    assert_eq!(doc["findings"][0]["datapath"]["prefixes"], serde_json::json!(["10.6.7.20/32"]));
+    node.etcd_put(kvcheck_tests::simnode::HAND_PUT_IDENTITY.0, kvcheck_tests::simnode::HAND_PUT_IDENTITY.1).unwrap();
+
     node.ipcache_delete("10.6.7.20/32").unwrap();
     let (code, doc) = check(&node, &["--cilium-version", "1.7"]);
     assert_eq!(code, Some(1));
@@ -81,6 +89,62 @@ fn real_cilium_1_7_1_node_checks_clean_and_reports_a_missing_remote_pod() {
     assert_eq!(f["kvstore"]["key"], "cilium/state/ip/v1/default/10.6.7.20");
     assert_eq!(f["kvstore"]["value"]["identity"], 12928);
     assert_eq!(f["expected"]["tunnel_endpoints"], serde_json::json!(["10.5.1.133"]));
+}
+
+/// Issue 11: the bytes, keys and addresses a real Cilium 1.16.15 agent wrote check clean, and
+/// one drift of each datapath kind injected into them is found (and only it).
+#[test]
+fn real_cilium_1_16_15_node_checks_clean_and_each_datapath_drift_is_found() {
+    if !require_root("real_cilium_1_16_15_node_checks_clean_and_each_datapath_drift_is_found") {
+        return;
+    }
+    let node = SimulatedNode::real_1_16_15().unwrap();
+    let (code, doc) = check(&node, &[]);
+    assert_eq!((code, &doc["findings"]), (Some(0), &serde_json::json!([])), "{doc:#}");
+    // Without ClusterMesh a v1.16 node's bytes also fit v1.17; detection must name v1.16.
+    let layout = &doc["sources"]["datapath"]["layout"];
+    let named: Vec<&Value> = std::iter::once(&layout["layout"]).chain(layout["also_possible"].as_array().into_iter().flatten()).collect();
+    assert!(named.contains(&&serde_json::json!("v1.15-v1.16")), "{layout:#}");
+    drop(node);
+
+    let remote = || IpcacheValue { identity: 12928, tunnel_endpoint: Some(ip("10.5.1.133")), ..Default::default() };
+    // pod-a's endpoint entry as Cilium wrote it, with another identity at bytes 32..36.
+    let pod_a_with = |identity: u32| {
+        let s = kvcheck_tests::sample::sections(kvcheck_tests::sample::REAL_1_16_15);
+        let entries = kvcheck_tests::sample::bpftool_entries(kvcheck_tests::sample::section(&s, "globals/cilium_lxc"));
+        let (k, mut v) = entries.into_iter().find(|(k, _)| k[..4] == [10, 6, 1, 28]).unwrap();
+        v[32..36].copy_from_slice(&identity.to_le_bytes());
+        (k, v)
+    };
+    type Inject = Box<dyn Fn(&SimulatedNode)>;
+    let cases: Vec<(&str, &str, Inject)> = vec![
+        ("ipcache-missing", "10.6.7.20/32", Box::new(|n| n.ipcache_delete("10.6.7.20/32").unwrap())),
+        ("ipcache-stale", "10.6.7.99/32", Box::new(move |n| n.ipcache_put("10.6.7.99/32", remote()).unwrap())),
+        ("ipcache-identity-mismatch", "10.6.7.20/32", Box::new(move |n| n.ipcache_put("10.6.7.20/32", IpcacheValue { identity: 16195, ..remote() }).unwrap())),
+        ("ipcache-tunnel-mismatch", "10.6.7.20/32", Box::new(move |n| n.ipcache_put("10.6.7.20/32", IpcacheValue { tunnel_endpoint: Some(ip("10.5.1.200")), ..remote() }).unwrap())),
+        ("kvstore-ghost-endpoint", "10.6.1.28", Box::new(|n| n.endpoint_delete("10.6.1.28").unwrap())),
+        ("endpoint-identity-mismatch", "10.6.1.28", Box::new(move |n| {
+            let (k, v) = pod_a_with(12928);
+            n.maps.endpoints.update(&k, &v).unwrap();
+        })),
+        ("tunnel-missing", "10.6.7.0", Box::new(|n| n.maps.tunnel.as_ref().unwrap().delete(&encode::tunnel_key(ip("10.6.7.0"))).unwrap())),
+        ("tunnel-mismatch", "10.6.7.0", Box::new(|n| tunnel(n, "10.6.7.0", "10.5.1.200"))),
+        ("tunnel-stale", "10.6.9.0", Box::new(|n| tunnel(n, "10.6.9.0", "10.5.1.133"))),
+        // Only a remote pod uses identity 12928 here: its labels are still needed on this node.
+        ("identity-missing", "12928", Box::new(|n| n.etcd_del("cilium/state/identities/v1/id/12928").unwrap())),
+    ];
+    for (kind, subject, inject) in cases {
+        let node = SimulatedNode::real_1_16_15().unwrap();
+        inject(&node);
+        let (code, doc) = check(&node, &[]);
+        assert_eq!(code, Some(1), "{kind}: {doc:#}");
+        let mut want = BTreeSet::from([(kind.to_owned(), subject.to_owned())]);
+        if kind == "endpoint-identity-mismatch" {
+            // The endpoint now uses 12928, for which this node holds no reference key.
+            want.insert(("identity-reference-missing".to_owned(), "12928".to_owned()));
+        }
+        assert_eq!(kinds_and_subjects(&doc), want, "{kind}: {:#}", doc["findings"]);
+    }
 }
 
 fn ip(s: &str) -> IpAddr {
