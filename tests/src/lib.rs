@@ -3,6 +3,7 @@
 //! bpf() syscall the way Cilium's agent writes them; network namespaces with `cilium_host`.
 //! Everything created here is torn down by RAII guards.
 
+pub mod agent;
 pub mod encode;
 pub mod etcd;
 pub mod maps;
