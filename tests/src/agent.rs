@@ -35,11 +35,16 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 impl Agent {
+    /// An agent with a 1 s grace period.
     pub fn start(node: &SimulatedNode, extra: &[&str]) -> Agent {
+        Self::start_with(node, "1s", extra)
+    }
+
+    pub fn start_with(node: &SimulatedNode, grace: &str, extra: &[&str]) -> Agent {
         let port = free_port();
         let mut args = node.check_args();
         args[0] = "agent".into();
-        args.extend(["--grace", "1s", "--health-interval", "1s", "--listen", &format!("127.0.0.1:{port}"), "--cilium-version", "1.16"].map(String::from));
+        args.extend(["--grace", grace, "--health-interval", "1s", "--listen", &format!("127.0.0.1:{port}"), "--cilium-version", "1.16"].map(String::from));
         args.extend(extra.iter().map(ToString::to_string));
         let mut child = Command::new(crate::kvcheck_bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, rx) = mpsc::channel();

@@ -14,6 +14,18 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A member's data dir: on tmpfs (/dev/shm) where there is one, so fsync costs nothing and the
+/// tests' write rates are not bound by this machine's disk.
+fn data_dir(prefix: &str) -> Result<PathBuf> {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return temp_dir(prefix);
+    }
+    let dir = shm.join(format!("{prefix}-{}-{}", std::process::id(), free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 fn temp_dir(prefix: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), free_port()?));
     std::fs::create_dir_all(&dir)?;
@@ -191,7 +203,7 @@ impl EtcdCluster {
         let token = format!("kvcheck-{}-{}", std::process::id(), plan[0].1);
         let mut members = Vec::new();
         for (name, client, peer, metrics) in plan {
-            let data_dir = temp_dir(&format!("kvcheck-etcd-{name}"))?;
+            let data_dir = data_dir(&format!("kvcheck-etcd-{name}"))?;
             let client_url = format!("{scheme}://127.0.0.1:{client}");
             let mut cmd = Command::new(binary);
             cmd.args(["--name", &name, "--data-dir"])

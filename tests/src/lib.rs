@@ -4,6 +4,7 @@
 //! Everything created here is torn down by RAII guards.
 
 pub mod agent;
+pub mod churn;
 pub mod encode;
 pub mod etcd;
 pub mod maps;
