@@ -473,3 +473,17 @@ fn churn_node_ipcache(n: u32) -> BTreeMap<IpAddr, IpcacheValue> {
         (IpAddr::V4(Ipv4Addr::new(10, c, 0, 2)), IpcacheValue { identity: 4, tunnel_endpoint: Some(node_ip), ..Default::default() }),
     ])
 }
+
+/// Three real drifts of three kinds on the churned node, as (kind, subject, inject): a stale map
+/// entry, a kvstore pod the ipcache lacks, and a lost identity that only a remote pod uses.
+pub fn real_drifts(node: &SimulatedNode) -> Vec<(&'static str, &'static str, Box<dyn Fn() -> anyhow::Result<()> + '_>)> {
+    vec![
+        (
+            "ipcache-stale",
+            "10.250.0.1/32",
+            Box::new(|| node.ipcache_put("10.250.0.1/32", IpcacheValue { identity: 1000, tunnel_endpoint: Some(NODE_B_IP.parse()?), ..Default::default() })),
+        ),
+        ("ipcache-missing", "10.250.0.2/32", Box::new(|| node.etcd_put("cilium/state/ip/v1/default/10.250.0.2", &ip_json("10.250.0.2", NODE_B_IP, 1000, "node-b", 77)))),
+        ("identity-missing", "1002", Box::new(|| node.etcd_del("cilium/state/identities/v1/id/1002"))),
+    ]
+}

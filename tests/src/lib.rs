@@ -13,6 +13,7 @@ pub mod sample;
 pub mod simcluster;
 pub mod simdata;
 pub mod simnode;
+pub mod tracepoint;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

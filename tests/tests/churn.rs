@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 use kvcheck::model::version::Layout;
 use kvcheck_tests::agent::Agent;
-use kvcheck_tests::churn::{Churn, ChurnConfig};
-use kvcheck_tests::encode::IpcacheValue;
+use kvcheck_tests::churn::{real_drifts, Churn, ChurnConfig};
 use kvcheck_tests::require_root;
-use kvcheck_tests::simcluster::{consistent_node, ip_json, NodeSpec, NODE_B_IP};
+use kvcheck_tests::simcluster::{consistent_node, NodeSpec};
 use serde_json::Value;
 
 const GRACE: Duration = Duration::from_secs(3);
@@ -66,15 +65,11 @@ fn churn_opens_no_false_findings_and_real_drift_opens_within_grace() {
 
     // Three real drifts: a stale map entry, a kvstore pod the ipcache lacks, and a lost identity
     // that only a remote pod uses.
-    type Inject<'a> = Box<dyn Fn() + 'a>;
-    let drifts: Vec<(&str, &str, Inject)> = vec![
-        ("ipcache-stale", "10.250.0.1/32", Box::new(|| node.ipcache_put("10.250.0.1/32", IpcacheValue { identity: 1000, tunnel_endpoint: Some(NODE_B_IP.parse().unwrap()), ..Default::default() }).unwrap())),
-        ("ipcache-missing", "10.250.0.2/32", Box::new(|| node.etcd_put("cilium/state/ip/v1/default/10.250.0.2", &ip_json("10.250.0.2", NODE_B_IP, 1000, "node-b", 77)).unwrap())),
-        ("identity-missing", "1002", Box::new(|| node.etcd_del("cilium/state/identities/v1/id/1002").unwrap())),
-    ];
+    let drifts = real_drifts(&node);
+    let want: BTreeSet<(String, String)> = drifts.iter().map(|(k, s, _)| ((*k).to_owned(), (*s).to_owned())).collect();
     for (kind, subject, inject) in drifts {
         let t0 = Instant::now();
-        inject();
+        inject().unwrap();
         for (name, agent) in [("eBPF", &ebpf), ("polling", &poll)] {
             let (_, at) = agent.wait_for("finding-opened", Some(kind), Some(subject), Duration::from_secs(15));
             let took = at - t0;
@@ -82,7 +77,6 @@ fn churn_opens_no_false_findings_and_real_drift_opens_within_grace() {
             assert!(took <= GRACE + Duration::from_secs(1), "{name} agent opened {kind} after {took:?}");
         }
     }
-    let want: BTreeSet<(String, String)> = [("ipcache-stale", "10.250.0.1/32"), ("ipcache-missing", "10.250.0.2/32"), ("identity-missing", "1002")].iter().map(|(k, s)| ((*k).to_owned(), (*s).to_owned())).collect();
     for agent in [&ebpf, &poll] {
         assert_eq!(agent.opened().into_iter().collect::<BTreeSet<_>>(), want);
     }

@@ -289,7 +289,7 @@ fn bench_smoke() -> Counts {
         return Counts { ignored: 1, ok: true, ..Counts::default() };
     }
     let out = root().join("target/bench-smoke.md");
-    let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--write"];
+    let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--churn-seconds", "10", "--write"];
     eprintln!("test: benchmark harness at 1/100 of the sizes");
     let bin = root().join("target/debug");
     let ok = run(Command::new(bin.join("kvcheck-bench")).env("KVCHECK_BIN", bin.join("kvcheck")).args(args).arg(&out)).is_ok() && out.exists();

@@ -53,7 +53,7 @@ kinds! {
         "Traffic to the prefix is classified as world (or by a covering prefix): policy drops it or, in tunnel mode, it leaves unencapsulated. Usual causes: the agent missed a kvstore watch event (etcd connectivity loss, a compaction it did not recover from), a failed map update (map full: see map-pressure), or an agent restart that has not resynced yet. Check `cilium status` for kvstore health, `cilium bpf ipcache get <ip>`, and the agent log for ipcache errors; restarting the agent rebuilds the ipcache from the kvstore.";
     IpcacheStale = "ipcache-stale", Critical,
         "the ipcache holds a prefix that nothing in the kvstore (or on the node) explains",
-        "A pod or node that went away is still mapped to an identity and tunnel endpoint, so a new owner of the IP is policed as the old one, or its traffic is tunnelled to the wrong node. Usual causes: a missed delete event, a leaked entry after an identity or IP was reused, or a restored map after an agent restart. Confirm with `etcdctl get cilium/state/ip/v1/default/<ip>` and `cilium bpf ipcache get <ip>`; an agent restart (or `cilium bpf ipcache delete`, carefully) removes it.";
+        "A pod or node that went away is still mapped to an identity and tunnel endpoint, so a new owner of the IP is policed as the old one, or its traffic is tunnelled to the wrong node. Usual causes: a missed delete event, a leaked entry after an identity or IP was reused, or a restored map after an agent restart (a v1.7 agent removes entries stale from its downtime only at its first ipcache GC, up to 5 min later). A deleted node's entries are held for Cilium's 30 s node-delete hold-off before they count. Confirm with `etcdctl get cilium/state/ip/v1/default/<ip>` and `cilium bpf ipcache get <ip>`; an agent restart (or `cilium bpf ipcache delete`, carefully) removes it.";
     IpcacheIdentityMismatch = "ipcache-identity-mismatch", Critical,
         "the ipcache maps the prefix to a different security identity than the kvstore",
         "Policy for traffic from/to this IP is evaluated against the wrong identity: allowed traffic is dropped or denied traffic passes. Usual causes: an identity change (relabelled pod) whose kvstore update the agent missed, or two writers for the same IP. Compare `cilium bpf ipcache get <ip>` with the ip/v1 key's ID and `cilium identity get <id>`.";
@@ -73,8 +73,8 @@ kinds! {
         "an ip/v1 entry says this node hosts the IP, but no local endpoint has it",
         "Other nodes route and police the IP as a pod on this node that does not exist; if the IP is reused elsewhere, traffic is misdirected. Usual causes: a pod deleted while the agent could not reach etcd (the key stays until its lease expires), or a crashed agent whose lease is still alive. Check the key's lease with `etcdctl lease timetolive`.";
     IdentityMissing = "identity-missing", Critical,
-        "an identity in use on this node has no cilium/state/identities/v1/id/<id> key",
-        "Agents cannot resolve the identity's labels, so policies selecting it do not apply. Usual causes: identity garbage collection by the operator while still in use, or a kvstore restore from an old backup. Check `cilium identity get <id>` and the operator's identity-GC log.";
+        "an identity this node's datapath refers to (a local endpoint, an ip/v1 entry or an ipcache entry) has no cilium/state/identities/v1/id/<id> key",
+        "This node cannot resolve the identity's labels, so its policies selecting it (e.g. an ingress rule allowing a remote pod's app label) do not apply; the evidence names the prefixes that carry it. Usual causes: identity garbage collection by the operator while still in use, or a kvstore restore from an old backup. Check `cilium identity get <id>` and the operator's identity-GC log.";
     IdentityReferenceMissing = "identity-reference-missing", Warning,
         "a local endpoint's identity lacks this node's value/<labels>/<node-ip> reference key",
         "The operator's identity garbage collector may delete an identity this node still uses. Usual causes: a lost lease or a failed allocator write. The agent re-creates references on resync; an agent restart forces it.";
@@ -104,7 +104,7 @@ kinds! {
         "Traffic to that node's pods is not encapsulated and is dropped. Usual causes: a missed node add event or a full tunnel map. Check `cilium bpf tunnel list` against the node entries.";
     TunnelStale = "tunnel-stale", Warning,
         "the tunnel map holds a pod CIDR no node in the kvstore owns",
-        "A removed node's CIDR is still tunnelled to its old IP; if the CIDR is reassigned, traffic goes to the wrong node. Usual causes: a missed node delete event.";
+        "A removed node's CIDR is still tunnelled to its old IP; if the CIDR is reassigned, traffic goes to the wrong node. Cilium keeps a deleted node's entries for its 30 s node-delete hold-off on purpose; kvcheck reports them only once that has certainly passed. Usual causes: a missed node delete event.";
     TunnelMismatch = "tunnel-mismatch", Critical,
         "the tunnel map sends a pod CIDR to a different node IP than the kvstore says",
         "Encapsulated traffic for that CIDR goes to the wrong node. Usual causes: a node's IP changed and the update was missed.";
