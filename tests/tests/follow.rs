@@ -227,10 +227,10 @@ fn drain(f: &Follower, quiet: Duration) -> Vec<Value> {
     out
 }
 
-/// Issue 11: an event taken at `sys_enter_bpf` made kvcheck re-read the key before the kernel
-/// had applied the write, and the change was lost when the read won the race. Thousands of
-/// single-key writes from two threads, each the last write to its key, so any lost change
-/// shows in what was reported: every add and every delete must arrive.
+/// Thousands of single-key writes from two threads, each the last write to its key, so any lost
+/// change shows in what was reported: every add and every delete must arrive (a full ring
+/// buffer makes kvcheck re-read the maps). The race of issue 11 itself is reproduced
+/// deterministically by `follow_reports_a_write_the_kernel_applies_after_the_syscall_began`.
 #[test]
 fn follow_loses_no_change_under_rapid_writes() {
     if !require_root("follow_loses_no_change_under_rapid_writes") {
@@ -270,4 +270,92 @@ fn follow_loses_no_change_under_rapid_writes() {
         assert!(missed.is_empty(), "{} of {N} writes ({op}) never reported, e.g. {:?}", missed.len(), &missed[..missed.len().min(5)]);
         assert_eq!(got.len(), N, "one change per write ({op})");
     }
+}
+
+/// A page whose first touch blocks in the kernel until the test fills it (userfaultfd): a bpf()
+/// update whose value lives there is held inside the syscall after `sys_enter_bpf` fired and
+/// before the kernel applies the write.
+struct HeldPage {
+    uffd: std::os::fd::OwnedFd,
+    page: *mut u8,
+}
+
+const PAGE: usize = 4096;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+
+// SAFETY (for the thread hand-off): the page is only touched through the kernel.
+unsafe impl Send for HeldPage {}
+unsafe impl Sync for HeldPage {}
+
+impl HeldPage {
+    fn new() -> HeldPage {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscalls; every result is checked.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC);
+            assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+            let uffd = std::os::fd::OwnedFd::from_raw_fd(fd as i32);
+            let mut api = [0u64; 3];
+            api[0] = 0xAA; // UFFD_API
+            assert_eq!(libc::ioctl(fd as i32, UFFDIO_API, api.as_mut_ptr()), 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+            let page = libc::mmap(std::ptr::null_mut(), PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(page, libc::MAP_FAILED);
+            // struct uffdio_register { range { start, len }, mode, ioctls }
+            let mut reg = [page as u64, PAGE as u64, 1 /* MISSING */, 0];
+            assert_eq!(libc::ioctl(fd as i32, UFFDIO_REGISTER, reg.as_mut_ptr()), 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+            HeldPage { uffd, page: page.cast() }
+        }
+    }
+
+    /// Waits for the kernel to fault on the page, holds it `hold`, then fills it with `bytes`.
+    fn release_after(&self, hold: Duration, bytes: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let mut msg = [0u8; 32];
+        // SAFETY: reading one uffd_msg from our own userfaultfd.
+        let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        assert_eq!(n, 32, "userfaultfd read: {}", std::io::Error::last_os_error());
+        std::thread::sleep(hold);
+        let mut src = vec![0u8; PAGE];
+        src[..bytes.len()].copy_from_slice(bytes);
+        // struct uffdio_copy { dst, src, len, mode, copy }
+        let mut copy = [self.page as u64, src.as_ptr() as u64, PAGE as u64, 0, 0];
+        // SAFETY: resolves the fault with a page of our own.
+        assert_eq!(unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, copy.as_mut_ptr()) }, 0, "UFFDIO_COPY: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for HeldPage {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the page we mapped.
+        unsafe { libc::munmap(self.page.cast(), PAGE) };
+    }
+}
+
+/// Issue 11, deterministically: the kernel applies an update 300 ms after `sys_enter_bpf` fired
+/// (its value page faults and is served late). A confirmation read taken at the event would see
+/// the map without the entry and report nothing, ever; kvcheck must report the add.
+#[test]
+fn follow_reports_a_write_the_kernel_applies_after_the_syscall_began() {
+    if !require_root("follow_reports_a_write_the_kernel_applies_after_the_syscall_began") {
+        return;
+    }
+    let bpffs = BpffsMount::new().unwrap();
+    let m = CiliumMaps::create(&bpffs, LAYOUT).unwrap();
+    let f = Follower::start(&bpffs, true);
+    assert!(f.source.contains("eBPF change events"), "the eBPF program did not run here: {}", f.source);
+    let held = HeldPage::new();
+    let value = ipc_value(4242);
+    std::thread::scope(|s| {
+        let held = &held;
+        let value = &value;
+        s.spawn(move || held.release_after(Duration::from_millis(300), value));
+        // SAFETY: the value slice points at the held page; only the kernel reads it.
+        let v = unsafe { std::slice::from_raw_parts(held.page, value.len()) };
+        m.ipcache.update_unchecked(&ipc_key("10.77.0.1/32"), v).unwrap();
+    });
+    let got = f.collect(1, Duration::from_secs(3));
+    assert_eq!(summary(&got), Summary::from([("added".to_owned(), "cilium_ipcache".to_owned(), "10.77.0.1/32".to_owned())]), "the change was lost");
+    assert_eq!(got[0]["new"]["identity"], 4242);
 }
