@@ -207,6 +207,8 @@ enum Mutation {
     DropIpEntry(usize),
     /// A pod's identity changed in the kvstore only.
     ChangeIpEntryIdentity(usize, u32),
+    /// An identity's `id/` key lost (used by local or only by remote pods, or by none).
+    DropIdentity(u8),
 }
 
 fn apply(w: &mut World, m: &Mutation) -> Option<String> {
@@ -250,6 +252,13 @@ fn apply(w: &mut World, m: &Mutation) -> Option<String> {
             e.identity = if e.identity == *id { id + 1 } else { *id };
             Some(e.prefix.addr().to_string())
         }
+        Mutation::DropIdentity(k) => {
+            let id = 1000 + u32::from(k % 8);
+            w.kv.identities.remove(&id);
+            // Drift only while something on this node refers to it.
+            let used = w.kv.ips.iter().any(|e| e.identity == id) || w.dp.ipcache.entries.iter().any(|e| e.identity == id);
+            used.then(|| id.to_string())
+        }
     }
 }
 
@@ -265,6 +274,7 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
         any::<u8>().prop_map(Mutation::AddStale),
         any::<usize>().prop_map(Mutation::DropIpEntry),
         (any::<usize>(), 1000u32..1008).prop_map(|(i, id)| Mutation::ChangeIpEntryIdentity(i, id)),
+        any::<u8>().prop_map(Mutation::DropIdentity),
     ]
 }
 
@@ -332,6 +342,9 @@ fn changes_between(a: &World, b: &World) -> (Vec<DatapathChange>, Vec<Change>) {
     for k in old.keys().filter(|k| !new.contains_key(*k)) {
         kv.push(Change::Delete { key: k.clone(), mod_revision: 11 });
     }
+    for (_, i) in a.kv.identities.iter().filter(|(id, _)| !b.kv.identities.contains_key(*id)) {
+        kv.push(Change::Delete { key: i.meta.key.clone(), mod_revision: 11 });
+    }
     (dp, kv)
 }
 
@@ -369,4 +382,77 @@ proptest! {
         // The changes merged into the copy of the maps give the same full check.
         prop_assert_eq!(ids(&live.recheck_all().findings), ids(&findings(&cur)));
     }
+}
+
+/// Cilium's node-delete hold-off in the agent's live check: a deleted remote node's entries
+/// are neither required nor stale until the hold-off ends; then they are stale.
+#[test]
+fn a_deleted_nodes_entries_are_held_until_the_hold_off_ends() {
+    use super::kinds::FindingKind::{IpcacheStale, TunnelStale};
+    let w = world(&[vec![0], vec![1]], Layout::V1_15);
+    let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+    live.set_hold_off(std::time::Duration::from_secs(30));
+    assert!(live.recheck().findings.is_empty());
+    let key = "cilium/state/nodes/v1/default/node-2".to_owned();
+    live.apply_kvstore(&[Change::Delete { key, mod_revision: 11 }], 11);
+    let r = live.recheck();
+    assert!(r.findings.is_empty(), "held entries reported: {:?}", ids(&r.findings));
+    assert_eq!(live.held_nodes().len(), 1);
+    assert!(!live.expire_held(chrono::Utc::now()), "ended too early");
+    assert!(live.expire_held(chrono::Utc::now() + chrono::Duration::seconds(31)));
+    let stale: BTreeSet<_> = ids(&live.recheck().findings).into_iter().filter(|(k, _)| matches!(k, IpcacheStale | TunnelStale)).map(|(_, s)| s).collect();
+    let want: BTreeSet<String> = ["192.168.0.2/32", "10.2.0.1/32", "10.2.0.0"].iter().map(ToString::to_string).collect();
+    assert_eq!(stale, want);
+}
+
+/// A node back within its hold-off: Cilium drops the delete, nothing is held or stale.
+#[test]
+fn a_node_back_within_its_hold_off_ends_the_hold() {
+    let w = world(&[vec![0], vec![1]], Layout::V1_15);
+    let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+    live.set_hold_off(std::time::Duration::from_secs(30));
+    live.recheck();
+    let key = "cilium/state/nodes/v1/default/node-2".to_owned();
+    live.apply_kvstore(&[Change::Delete { key: key.clone(), mod_revision: 11 }], 11);
+    let value = serde_json::json!({"Name": "node-2", "Cluster": "default", "IPAddresses": [{"Type": "InternalIP", "IP": "192.168.0.2"}, {"Type": "CiliumInternalIP", "IP": "10.2.0.1"}], "IPv4AllocCIDR": {"IP": "10.2.0.0", "Mask": "////AA=="}});
+    live.apply_kvstore(&[Change::Put { key, value: value.to_string(), mod_revision: 12, lease: 0 }], 12);
+    assert!(live.held_nodes().is_empty());
+    assert!(!live.expire_held(chrono::Utc::now() + chrono::Duration::seconds(31)));
+    let r = live.recheck_all();
+    assert!(r.findings.is_empty(), "{:?}", ids(&r.findings));
+}
+
+/// An identity only remote pods use, lost from the kvstore: `identity-missing`, naming the
+/// prefixes that carry it (this node's policy needs its labels).
+#[test]
+fn identity_missing_for_an_identity_only_remote_pods_use() {
+    let mut w = world(&[vec![0], vec![3, 3]], Layout::V1_15);
+    w.kv.identities.remove(&1003);
+    let f = findings(&w);
+    assert_eq!(ids(&f), BTreeSet::from([(super::kinds::FindingKind::IdentityMissing, "1003".to_owned())]));
+    let evidence = f[0].datapath.as_ref().unwrap();
+    assert_eq!(evidence["ipcache_entries"], 4, "two ip/v1 entries and two ipcache entries: {evidence}");
+    assert_eq!(evidence["prefixes"], serde_json::json!(["10.2.0.10/32", "10.2.0.11/32"]));
+}
+
+/// Identities of another ClusterMesh cluster (its id in bits 16-23) and reserved or local-scope
+/// ones are not this kvstore's.
+#[test]
+fn identities_of_other_clusters_and_reserved_ones_are_not_required() {
+    let mut w = world(&[vec![0], vec![]], Layout::V1_15);
+    for id in [(3 << 16) | 1000, 4, (1 << 24) | 7] {
+        w.dp.ipcache.entries.push(ipc(v4(10, 9, 9, (id % 200) as u8), id, Some(v4(192, 168, 0, 2))));
+        w.kv.ips.push(IpEntry {
+            meta: meta(format!("cilium/state/ip/v1/default/10.9.9.{}", id % 200)),
+            prefix: IpNet::from(v4(10, 9, 9, (id % 200) as u8)),
+            host_ip: Some(v4(192, 168, 0, 2)),
+            identity: id,
+            encrypt_key: 0,
+            metadata: String::new(),
+            k8s_namespace: None,
+            k8s_pod_name: None,
+        });
+    }
+    let f: Vec<_> = ids(&findings(&w)).into_iter().filter(|(k, _)| *k == super::kinds::FindingKind::IdentityMissing).collect();
+    assert!(f.is_empty(), "{f:?}");
 }
