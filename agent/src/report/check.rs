@@ -57,6 +57,21 @@ pub fn render(r: &CheckReport) -> String {
             }
         }
     }
+    let h = &r.hold_off;
+    if h.waited_ms > 0 {
+        let _ = writeln!(out, "  hold-off  waited {} ms for Cilium's node-delete hold-off ({} ms) to end, then checked again", h.waited_ms, h.window_ms);
+    }
+    for n in &h.nodes {
+        let _ = writeln!(
+            out,
+            "  hold-off  {} deleted at revision {} (by {}, bounded by {}); Cilium may keep its entries until {}",
+            n.key, n.deleted_revision, n.deleted_by, n.bounded_by, n.held_until
+        );
+    }
+    if !h.held.is_empty() {
+        let held: Vec<String> = h.held.iter().map(|(k, s)| format!("{} {s}", k.name())).collect();
+        let _ = writeln!(out, "  held      not drift yet: {}", held.join(", "));
+    }
     for sev in [Severity::Critical, Severity::Warning, Severity::Info] {
         let group: Vec<&Finding> = r.findings.iter().filter(|f| f.severity == sev).collect();
         if group.is_empty() {
