@@ -234,6 +234,11 @@ struct DatapathOptions {
     /// instead of the one kvcheck runs in.
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// Find the maps the programs attached to the node's interfaces use (tc, tcx, netkit, tail
+    /// calls) and check those when they are not the pinned ones (needs CAP_SYS_ADMIN; skipped
+    /// and said so without it).
+    #[arg(long, value_enum, default_value = "on", env = "KVCHECK_LIVE_MAPS")]
+    live_maps: OnOff,
 }
 
 #[derive(Args)]
@@ -267,6 +272,8 @@ impl DatapathOptions {
             },
             include_raw,
             netns: self.netns.clone(),
+            live_maps: self.live_maps == OnOff::On,
+            read_live: Default::default(),
         }
     }
 }
@@ -279,11 +286,10 @@ struct DatapathDocument<'a> {
 }
 
 async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
-    let opts = args.datapath.read_options(args.raw);
-    let snapshot = tokio::task::spawn_blocking(move || datapath::read_maps(&opts))
-        .await
-        .context("map reader task")??;
-    let host = addresses::read_host_addresses(args.datapath.netns.as_deref()).await?;
+    let mut opts = args.datapath.read_options(args.raw);
+    let (snapshot, host) = datapath::read_node(&opts).await?;
+    // --follow watches the maps that were read (the ones the programs use).
+    opts.read_live = snapshot.live_maps.read_live();
     tracing::info!(layout = %snapshot.layout.summary(), "datapath read");
     match args.output {
         Output::Json => {

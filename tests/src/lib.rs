@@ -9,6 +9,7 @@ pub mod encode;
 pub mod etcd;
 pub mod maps;
 pub mod netns;
+pub mod progs;
 pub mod sample;
 pub mod simcluster;
 pub mod simdata;

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub map_fill_ratio: Family<MapLabel, Gauge<f64, AtomicU64>>,
     pub change_events: Family<SourceLabel, Counter>,
     pub last_check: Gauge<f64, AtomicU64>,
+    pub maps_in_use: Family<MapLabel, Gauge>,
     pub ready: AtomicBool,
     pub failed: AtomicBool,
 }
@@ -50,6 +51,7 @@ impl Metrics {
             map_fill_ratio: Family::default(),
             change_events: Family::default(),
             last_check: Gauge::default(),
+            maps_in_use: Family::default(),
             ready: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         };
@@ -60,6 +62,7 @@ impl Metrics {
         registry.register("map_fill_ratio", "Entries / max entries per datapath map", m.map_fill_ratio.clone());
         registry.register("change_events", "Datapath and kvstore changes processed", m.change_events.clone());
         registry.register("last_successful_check_timestamp_seconds", "Unix time of the last successful check", m.last_check.clone());
+        registry.register("datapath_maps_in_use", "Distinct maps the attached BPF programs use per Cilium map name (1 when healthy; 0 when none is attached)", m.maps_in_use.clone());
         *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
         Arc::new(m)
     }

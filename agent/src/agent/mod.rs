@@ -55,6 +55,8 @@ impl Status {
 struct Live {
     watcher: KvstoreWatcher,
     feed: ChangeFeed,
+    /// Maps followed by id because the datapath uses them instead of the pins.
+    read_live: BTreeMap<String, u32>,
     /// Both sides as last seen, kept current by the changes; node_config.h re-read on resync.
     check: LiveCheck,
 }
@@ -161,9 +163,13 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     // The layout comes from the maps' contents; then the feed, then the snapshot the check
     // starts from: a map change made while that is read comes as an event too (applying it
     // again is harmless), so none falls between the feed's start and the snapshot.
-    let layout = run::read_datapath(&opts.check.datapath).await?.0.layout.layout;
-    let feed = ChangeFeed::open(&opts.check.datapath, layout, &opts.follow)?;
-    let (datapath, host) = run::read_datapath(&opts.check.datapath).await?;
+    let first = run::read_datapath(&opts.check.datapath).await?.0;
+    let layout = first.layout.layout;
+    // Follow the maps the datapath uses (by id where they are not the pinned ones).
+    let mut read = opts.check.datapath.clone();
+    read.read_live = first.live_maps.read_live();
+    let feed = ChangeFeed::open(&read, layout, &opts.follow)?;
+    let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let config = run::node_config(&opts.check)?;
@@ -177,7 +183,7 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
     }
-    Ok(Live { watcher, feed, check })
+    Ok(Live { watcher, feed, read_live: read.read_live, check })
 }
 
 /// Re-checks what changed (everything after a start or resync) and records the result.
@@ -187,6 +193,9 @@ fn evaluate(state: &mut State, live: &mut Live) {
     let dp = &live.check.reading().datapath;
     for (name, ratio) in [(&dp.ipcache.meta.name, dp.ipcache.fill_ratio), (&dp.endpoints.meta.name, dp.endpoints.fill_ratio)] {
         state.metrics.map_fill_ratio.get_or_create(&MapLabel { map: name.clone() }).set(ratio);
+    }
+    for (map, n) in dp.live_maps.in_use_counts() {
+        state.metrics.maps_in_use.get_or_create(&MapLabel { map }).set(n as i64);
     }
     state.record_findings(findings, &scope, started);
     if scope == Scope::Full {
@@ -379,6 +388,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool) -> Result<(), crate::check::run::CheckError> {
     if resync || l.check.needs_reread() {
         let (dp, host) = run::read_datapath(&opts.check.datapath).await?;
+        let read_live = dp.live_maps.read_live();
+        if read_live != l.read_live {
+            // The programs moved to other maps: follow those (start over with new handles).
+            tracing::warn!(event = "datapath-maps-in-use-changed", before = ?l.read_live, now = ?read_live, "the maps the datapath uses changed; re-opening");
+            return Err(crate::check::run::CheckError::Task(format!("the maps the datapath uses changed ({:?} -> {read_live:?})", l.read_live)));
+        }
         l.check.replace_datapath(dp, host);
     } else {
         l.check.set_host(crate::datapath::addresses::read_host_addresses(opts.check.datapath.netns.as_deref()).await?);

@@ -12,6 +12,7 @@ use super::expected::{Expectation, ExpectedState, NodeContext};
 use super::kinds::{FindingKind, Severity};
 use crate::datapath::addresses::HostAddresses;
 use crate::datapath::ipcache::IpcacheEntry;
+use crate::datapath::inuse::LiveMaps;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::reader::KvstoreSnapshot;
 use crate::kvstore::values::{self, IpEntry, IP_PREFIX};
@@ -202,6 +203,30 @@ fn node_sections(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv:
     tunnel(exp, obs, kv, out);
     kvstore_health(obs, out);
     map_pressure(obs, out);
+    datapath_maps(obs, out);
+}
+
+/// The maps the attached programs use against the pins: another map under a name kvcheck
+/// checks, or two maps under one name (`datapath-map-mismatch`).
+fn datapath_maps(obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let LiveMaps::Checked { in_use, pinned, read_live } = &obs.datapath.live_maps else { return };
+    for (name, ids) in &in_use.maps {
+        let pin = pinned.get(name);
+        if ids.len() == 1 && pin.is_some_and(|(id, _)| ids.contains_key(id)) {
+            continue;
+        }
+        let used: Vec<String> = ids.iter().map(|(id, u)| format!("{id} ({} entries)", u.entries.map_or_else(|| "the pinned one's".to_owned(), |n| n.to_string()))).collect();
+        let pinned_text = pin.map_or_else(|| "no pinned map".to_owned(), |(id, n)| format!("the pinned map {id} ({n} entries)"));
+        let checked = read_live.get(name).map_or_else(|| "the check ran on the pinned map".to_owned(), |id| format!("the check ran on map {id}"));
+        out.push(
+            Finding::new(
+                FindingKind::DatapathMapMismatch,
+                name,
+                format!("the programs attached to this node use {name} map{} {}, not only {pinned_text}; {checked}", if ids.len() > 1 { "s" } else { "" }, used.join(" and ")),
+            )
+            .datapath(json!({"pinned": pin.map(|(id, n)| json!({"id": id, "entries": n})), "in_use": ids, "read": read_live.get(name)})),
+        );
+    }
 }
 
 /// One finding per (kind, subject), in report order.

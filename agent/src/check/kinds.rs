@@ -120,6 +120,9 @@ kinds! {
     MapPressure = "map-pressure", Warning,
         "a datapath map is at least 90 % full",
         "New entries will fail to insert (missing ipcache entries, endpoints that cannot start). Raise the map size (bpf-map-dynamic-size-ratio, bpf-*-map-max) or find what fills it.";
+    DatapathMapMismatch = "datapath-map-mismatch", Critical,
+        "the BPF programs attached to the node's interfaces use a map other than the pinned one under a Cilium map name, or two different maps under one name",
+        "Cilium's agent writes (and `cilium bpf ... list` shows) the pinned map, while the datapath looks up another one: traffic is dropped or mis-policed although every listing looks right (cilium/cilium#45196: pinned ipcache empty, programs on an unpinned populated one; #25154: several ipcache maps alive with tail-call programs on old ones; #11517: endpoints running with an outdated ipcache after the map was recreated). The evidence lists the pinned id and entries, and each map id in use with its entries and the interfaces and programs (tail calls included) using it. kvcheck then checks the map the programs use. Usual causes: a map re-created under its pin (restart, upgrade, size change) while some endpoints were not regenerated. Regenerate the affected endpoints (restart the pods or the agent) and compare `bpftool prog show id <id>` map_ids with `bpftool map show pinned <path>`.";
 }
 
 impl FindingKind {

@@ -174,6 +174,7 @@ fn world(pods: &[Vec<u8>], layout: Layout) -> World {
         ipcache: dump("cilium_ipcache", 512_000, ipcache),
         endpoints: dump("cilium_lxc", 65_535, lxc),
         tunnel: layout.has_tunnel_map().then(|| dump("cilium_tunnel_map", 65_536, tunnel)),
+        live_maps: Default::default(),
     };
     let ctx = NodeContext {
         node_name: "node-1".into(),

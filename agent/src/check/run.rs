@@ -12,7 +12,7 @@ use super::config::DatapathConfig;
 use super::diff::{self, Finding, Observed};
 use super::expected::{self, NodeContext};
 use super::kinds::{FindingKind, Severity};
-use crate::datapath::addresses::{self, HostAddresses};
+use crate::datapath::addresses::HostAddresses;
 use crate::datapath::{self, DatapathSnapshot, ReadOptions};
 use crate::kvstore::client::Etcd;
 use crate::kvstore::config::EtcdSettings;
@@ -75,6 +75,8 @@ pub struct NodeId {
 #[derive(Clone, Debug, Serialize)]
 pub struct DatapathSource {
     pub bpffs: PathBuf,
+    /// The maps the attached programs use, against the pins (`--live-maps`).
+    pub live_maps: datapath::inuse::LiveMaps,
     pub layout: datapath::detect::LayoutChoice,
     pub maps: Vec<datapath::maps::MapMeta>,
     pub entries: Vec<(String, usize)>,
@@ -178,10 +180,7 @@ pub struct Reading {
 }
 
 pub async fn read_datapath(opts: &ReadOptions) -> Result<(DatapathSnapshot, HostAddresses), CheckError> {
-    let o = opts.clone();
-    let snap = tokio::task::spawn_blocking(move || datapath::read_maps(&o)).await.map_err(|e| CheckError::Task(e.to_string()))??;
-    let host = addresses::read_host_addresses(opts.netns.as_deref()).await?;
-    Ok((snap, host))
+    Ok(datapath::read_node(opts).await?)
 }
 
 pub fn node_config(opts: &CheckOptions) -> Result<DatapathConfig, CheckError> {
@@ -348,7 +347,7 @@ fn report(
         counts: Counts { total: findings.len(), critical: count(Severity::Critical), warning: count(Severity::Warning), info: count(Severity::Info), by_kind },
         findings,
         sources: Sources {
-            datapath: DatapathSource { bpffs: dp.bpffs.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() },
+            datapath: DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() },
             kvstore: KvstoreSource {
                 status: r.health.status_line(),
                 revision,

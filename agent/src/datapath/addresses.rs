@@ -60,7 +60,15 @@ fn connection_in(netns: &Path) -> Result<NetlinkConnection, DatapathError> {
     .map_err(|e| DatapathError::Netlink { what: "opening a route netlink socket in the network namespace", message: format!("{}: {e}", netns.display()) })
 }
 
-type NetlinkConnection = (
+/// A route netlink connection in `netns`, or in ours.
+pub(crate) fn netlink_connection(netns: Option<&Path>) -> Result<NetlinkConnection, DatapathError> {
+    match netns {
+        Some(path) => connection_in(path),
+        None => rtnetlink::new_connection().map_err(|e| DatapathError::Netlink { what: "opening a route netlink socket", message: e.to_string() }),
+    }
+}
+
+pub(crate) type NetlinkConnection = (
     rtnetlink::proto::Connection<netlink_packet_route::RouteNetlinkMessage>,
     rtnetlink::Handle,
     futures::channel::mpsc::UnboundedReceiver<(rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>, rtnetlink::sys::SocketAddr)>,
@@ -72,13 +80,7 @@ pub async fn read_host_addresses(netns: Option<&Path>) -> Result<HostAddresses, 
         what,
         message: e.to_string(),
     };
-    let (connection, handle, _) = match netns {
-        Some(path) => connection_in(path)?,
-        None => rtnetlink::new_connection().map_err(|e| DatapathError::Netlink {
-            what: "opening a route netlink socket",
-            message: e.to_string(),
-        })?,
-    };
+    let (connection, handle, _) = netlink_connection(netns)?;
     let conn_task = tokio::spawn(connection);
 
     let mut links: BTreeMap<u32, Interface> = BTreeMap::new();

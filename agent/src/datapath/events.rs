@@ -109,7 +109,8 @@ fn mirror_for(key_size: u32, value_size: u32) -> Box<dyn RawMirror> {
 
 struct Watched {
     kind: MapKind,
-    path: std::path::PathBuf,
+    /// The pin, or `None` for a map the datapath uses that is not the pinned one.
+    path: Option<std::path::PathBuf>,
     map: PinnedMap,
     mirror: Box<dyn RawMirror>,
 }
@@ -209,13 +210,22 @@ impl ChangeFeed {
     pub fn open(opts: &ReadOptions, layout: Layout, follow: &FollowOptions) -> Result<ChangeFeed, DatapathError> {
         let dir = super::globals_dir(&opts.bpffs);
         let ipcache_name = if layout.ipcache_v2() { IPCACHE_V2 } else { IPCACHE_V1 };
-        let mut maps = vec![
-            (MapKind::Ipcache, dir.join(ipcache_name), PinnedMap::open(ipcache_name, &dir.join(ipcache_name))?),
-            (MapKind::Endpoints, dir.join(ENDPOINTS), PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?),
-        ];
+        // The maps the datapath uses: by id where that is not the pinned one.
+        let open = |name: &str| -> Result<Option<(Option<std::path::PathBuf>, PinnedMap)>, DatapathError> {
+            Ok(match opts.read_live.get(name) {
+                Some(id) => Some((None, PinnedMap::open_id(name, *id)?)),
+                None => PinnedMap::open_if_present(name, &dir.join(name))?.map(|m| (Some(dir.join(name)), m)),
+            })
+        };
+        let required = |name: &str| -> Result<(Option<std::path::PathBuf>, PinnedMap), DatapathError> {
+            open(name)?.ok_or_else(|| DatapathError::MapMissing { name: name.to_owned(), path: dir.join(name) })
+        };
+        let (ipcache_path, ipcache) = required(ipcache_name)?;
+        let (endpoints_path, endpoints) = required(ENDPOINTS)?;
+        let mut maps = vec![(MapKind::Ipcache, ipcache_path, ipcache), (MapKind::Endpoints, endpoints_path, endpoints)];
         if layout.has_tunnel_map() {
-            if let Some(t) = PinnedMap::open_if_present(TUNNEL, &dir.join(TUNNEL))? {
-                maps.push((MapKind::Tunnel, dir.join(TUNNEL), t));
+            if let Some((path, t)) = open(TUNNEL)? {
+                maps.push((MapKind::Tunnel, path, t));
             }
         }
         let mut watched: Vec<Watched> = maps.into_iter().map(|(kind, path, map)| Watched { kind, path, mirror: mirror_for(map.meta.key_size, map.meta.value_size), map }).collect();
@@ -263,11 +273,14 @@ impl ChangeFeed {
     /// returning its frozen contents).
     pub fn replaced_map(&self) -> Option<String> {
         self.maps.iter().find_map(|w| {
-            let current = PinnedMap::open_if_present(&w.map.meta.name, &w.path).ok().flatten();
+            // A map in use that is not pinned is followed by id; the resync's discovery says
+            // when the programs move to another.
+            let path = w.path.as_ref()?;
+            let current = PinnedMap::open_if_present(&w.map.meta.name, path).ok().flatten();
             match current {
                 Some(m) if m.meta.id == w.map.meta.id => None,
-                Some(m) => Some(format!("{} re-created (map id {} -> {})", w.path.display(), w.map.meta.id, m.meta.id)),
-                None => Some(format!("{} no longer pinned", w.path.display())),
+                Some(m) => Some(format!("{} re-created (map id {} -> {})", path.display(), w.map.meta.id, m.meta.id)),
+                None => Some(format!("{} no longer pinned", path.display())),
             }
         })
     }

@@ -88,6 +88,30 @@ impl PinnedMap {
                 });
             }
         };
+        Self::from_fd(name, path, fd).map(Some)
+    }
+
+    /// Opens map `id` read-only (`BPF_MAP_GET_FD_BY_ID`): a map the datapath uses that is not
+    /// the pinned one. Its `path` says so.
+    pub fn open_id(name: &str, id: u32) -> Result<PinnedMap, DatapathError> {
+        let path = PathBuf::from(format!("map id {id} (in use by the datapath, not pinned)"));
+        let fd = sys::map_fd_by_id_readonly(id).map_err(|source| DatapathError::Open { path: path.clone(), source })?;
+        Self::from_fd(name, &path, fd)
+    }
+
+    /// Entries in the map (key iteration; no values copied).
+    pub fn count_entries(&self) -> Result<usize, DatapathError> {
+        let mut key: Option<Vec<u8>> = None;
+        let mut next = vec![0u8; self.meta.key_size as usize];
+        let mut n = 0;
+        while sys::get_next_key(self.fd(), key.as_deref(), &mut next).map_err(|e| self.read_error(e))? {
+            n += 1;
+            key = Some(next.clone());
+        }
+        Ok(n)
+    }
+
+    fn from_fd(name: &str, path: &Path, fd: OwnedFd) -> Result<PinnedMap, DatapathError> {
         let aya_err = |e: aya::maps::MapError| DatapathError::Open {
             path: path.to_owned(),
             source: std::io::Error::other(e.to_string()),
@@ -110,7 +134,7 @@ impl PinnedMap {
             flags: info.map_flags(),
         };
         let map = Map::from_map_data(data).map_err(aya_err)?;
-        Ok(Some(PinnedMap { map, batch_fd, meta }))
+        Ok(PinnedMap { map, batch_fd, meta })
     }
 
     /// Like [`open_if_present`](Self::open_if_present), but a missing pin is an error.

@@ -10,11 +10,13 @@ pub mod codec;
 pub mod detect;
 pub mod endpoints;
 pub mod events;
+pub mod inuse;
 pub mod ipcache;
 pub mod maps;
 pub mod sys;
 pub mod tunnel;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapType;
@@ -90,6 +92,10 @@ pub struct ReadOptions {
     pub include_raw: bool,
     /// Read addresses from this network namespace (`/var/run/netns/NAME`) instead of ours.
     pub netns: Option<PathBuf>,
+    /// Find the maps the attached programs use ([`inuse`]) and check those.
+    pub live_maps: bool,
+    /// Map name → id of the map to read instead of the pin (the one the programs use).
+    pub read_live: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for ReadOptions {
@@ -100,6 +106,8 @@ impl Default for ReadOptions {
             strategy: ReadStrategy::default(),
             include_raw: false,
             netns: None,
+            live_maps: true,
+            read_live: Default::default(),
         }
     }
 }
@@ -143,6 +151,8 @@ pub struct DatapathSnapshot {
     pub endpoints: MapDump<EndpointEntry>,
     /// `None` when the layout has no tunnel map (v1.18+) or none is pinned.
     pub tunnel: Option<MapDump<TunnelEntry>>,
+    /// The maps the attached programs use, against the pins.
+    pub live_maps: inuse::LiveMaps,
 }
 
 pub fn globals_dir(bpffs: &Path) -> PathBuf {
@@ -154,16 +164,23 @@ pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> 
     let dir = globals_dir(&opts.bpffs);
     // v1.18+ pins cilium_ipcache_v2 and may leave the old map behind after an upgrade:
     // the v2 map wins when both exist.
-    let ipcache = match PinnedMap::open_if_present(IPCACHE_V2, &dir.join(IPCACHE_V2))? {
+    // A map the attached programs use instead of its pin is read by id.
+    let open = |name: &str| -> Result<Option<PinnedMap>, DatapathError> {
+        match opts.read_live.get(name) {
+            Some(id) => PinnedMap::open_id(name, *id).map(Some),
+            None => PinnedMap::open_if_present(name, &dir.join(name)),
+        }
+    };
+    let ipcache = match open(IPCACHE_V2)? {
         Some(m) => m,
-        None => PinnedMap::open(IPCACHE_V1, &dir.join(IPCACHE_V1))?,
+        None => open(IPCACHE_V1)?.ok_or_else(|| DatapathError::MapMissing { name: IPCACHE_V1.to_owned(), path: dir.join(IPCACHE_V1) })?,
     };
     ipcache.expect_type(MapType::LpmTrie)?;
     check_shape(&ipcache, &[(ipcache::KEY_SIZE as u32, 12), (ipcache::KEY_SIZE as u32, 24)])?;
-    let endpoints = PinnedMap::open(ENDPOINTS, &dir.join(ENDPOINTS))?;
+    let endpoints = open(ENDPOINTS)?.ok_or_else(|| DatapathError::MapMissing { name: ENDPOINTS.to_owned(), path: dir.join(ENDPOINTS) })?;
     endpoints.expect_type(MapType::Hash)?;
     check_shape(&endpoints, &[(endpoints::KEY_SIZE as u32, endpoints::VALUE_SIZE as u32)])?;
-    let tunnel = PinnedMap::open_if_present(TUNNEL, &dir.join(TUNNEL))?;
+    let tunnel = open(TUNNEL)?;
     if let Some(t) = &tunnel {
         t.expect_type(MapType::Hash)?;
         check_shape(t, &[(tunnel::KEY_SIZE as u32, tunnel::VALUE_SIZE as u32)])?;
@@ -217,7 +234,62 @@ pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> 
         }),
         tunnel,
         layout,
+        live_maps: inuse::LiveMaps::Off,
     })
+}
+
+/// The pinned map ids of Cilium's maps (those pinned).
+pub fn pinned_ids(bpffs: &Path) -> BTreeMap<String, u32> {
+    let dir = globals_dir(bpffs);
+    [IPCACHE_V1, IPCACHE_V2, ENDPOINTS, TUNNEL]
+        .into_iter()
+        .filter_map(|n| PinnedMap::open_if_present(n, &dir.join(n)).ok().flatten().map(|m| (n.to_owned(), m.meta.id)))
+        .collect()
+}
+
+/// Reads the node's datapath: its addresses, the maps its programs use (when
+/// `opts.live_maps`; reading those instead of pins that differ), and the maps.
+pub async fn read_node(opts: &ReadOptions) -> Result<(DatapathSnapshot, addresses::HostAddresses), DatapathError> {
+    let host = addresses::read_host_addresses(opts.netns.as_deref()).await?;
+    let mut o = opts.clone();
+    let live = if opts.live_maps {
+        let pinned = pinned_ids(&opts.bpffs);
+        match inuse::discover(opts.netns.as_deref(), &host.interfaces, &pinned).await {
+            Ok(in_use) => {
+                let mut with_counts = BTreeMap::new();
+                for (name, id) in &pinned {
+                    // The pin's entries: counted here only when the datapath uses another map.
+                    let differs = in_use.maps.get(name).is_some_and(|ids| ids.keys().any(|i| i != id));
+                    let n = if differs { PinnedMap::open_if_present(name, &globals_dir(&opts.bpffs).join(name))?.map_or(0, |m| m.count_entries().unwrap_or(0)) } else { 0 };
+                    with_counts.insert(name.clone(), (*id, n));
+                }
+                o.read_live = in_use.live_overrides(&with_counts);
+                inuse::LiveMaps::Checked { in_use, pinned: with_counts, read_live: o.read_live.clone() }
+            }
+            Err(reason) => inuse::LiveMaps::Skipped { reason },
+        }
+    } else {
+        inuse::LiveMaps::Off
+    };
+    let mut snap = tokio::task::spawn_blocking(move || read_maps(&o)).await.map_err(|e| DatapathError::Netlink { what: "map reader task", message: e.to_string() })??;
+    snap.live_maps = fill_pinned_counts(live, &snap);
+    Ok((snap, host))
+}
+
+/// Fills the entry counts of pins the snapshot read itself.
+fn fill_pinned_counts(mut live: inuse::LiveMaps, snap: &DatapathSnapshot) -> inuse::LiveMaps {
+    if let inuse::LiveMaps::Checked { pinned, read_live, .. } = &mut live {
+        let dumps = [(&snap.ipcache.meta, snap.ipcache.entry_count), (&snap.endpoints.meta, snap.endpoints.entry_count)];
+        let tunnel = snap.tunnel.as_ref().map(|t| (&t.meta, t.entry_count));
+        for (meta, n) in dumps.into_iter().chain(tunnel) {
+            if !read_live.contains_key(&meta.name) {
+                if let Some(p) = pinned.get_mut(&meta.name).filter(|p| p.0 == meta.id) {
+                    p.1 = n;
+                }
+            }
+        }
+    }
+    live
 }
 
 fn check_shape(map: &PinnedMap, supported: &[(u32, u32)]) -> Result<(), DatapathError> {

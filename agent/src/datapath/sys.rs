@@ -189,3 +189,133 @@ pub fn get_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) ->
         Err(e) => Err(e),
     }
 }
+
+pub const BPF_PROG_GET_FD_BY_ID: u32 = 13;
+pub const BPF_MAP_GET_FD_BY_ID: u32 = 14;
+pub const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+pub const BPF_PROG_QUERY: u32 = 16;
+pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
+
+/// `BPF_*_GET_FD_BY_ID` attributes.
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` attributes.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_PROG_QUERY` attributes (the kernel's `query` struct).
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// A program's fd by its id (needs CAP_SYS_ADMIN).
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr { id, ..Default::default() };
+    // SAFETY: plain integers only.
+    let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)? };
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A map's fd by its id, read-only (needs CAP_SYS_ADMIN).
+pub fn map_fd_by_id_readonly(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr { id, next_id: 0, open_flags: BPF_F_RDONLY };
+    // SAFETY: plain integers only.
+    let fd = unsafe { bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)? };
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What kvcheck reads of a program: its name and the ids of the maps it uses.
+#[derive(Clone, Debug)]
+pub struct ProgInfo {
+    pub id: u32,
+    pub name: String,
+    pub map_ids: Vec<u32>,
+}
+
+fn c_name(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a program (`struct bpf_prog_info`: id @4, nr_map_ids @52,
+/// map_ids @56, name @64).
+pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut info = [0u8; 80];
+        info[52..56].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        let mut attr = InfoAttr { bpf_fd: prog.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+        // SAFETY: info is a buffer of info_len bytes; map_ids points at `ids.len()` u32s.
+        unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+        let n = u32::from_ne_bytes(info[52..56].try_into().unwrap_or_default()) as usize;
+        if n > ids.len() {
+            ids.resize(n, 0);
+            continue;
+        }
+        ids.truncate(n);
+        return Ok(ProgInfo { id: u32::from_ne_bytes(info[4..8].try_into().unwrap_or_default()), name: c_name(&info[64..80]), map_ids: ids });
+    }
+}
+
+/// What kvcheck reads of a map: `struct bpf_map_info` (type @0, id @4, key/value size, max
+/// entries, flags, name @24).
+#[derive(Clone, Debug)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub name: String,
+}
+
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = [0u8; 40];
+    let mut attr = InfoAttr { bpf_fd: map.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+    // SAFETY: info is a buffer of info_len bytes.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    let u = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap_or_default());
+    Ok(MapInfo { map_type: u(0), id: u(4), key_size: u(8), value_size: u(12), max_entries: u(16), name: c_name(&info[24..40]) })
+}
+
+/// `BPF_PROG_QUERY` of one attach point of interface `ifindex` (in this thread's network
+/// namespace): the attached programs' ids. `Ok(empty)` when the kernel lacks the attach type.
+pub fn prog_query_ifindex(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr { target_ifindex: ifindex, attach_type, prog_ids: ids.as_mut_ptr() as u64, prog_cnt: ids.len() as u32, ..Default::default() };
+    // SAFETY: prog_ids points at prog_cnt u32s.
+    match unsafe { bpf(BPF_PROG_QUERY, &mut attr) } {
+        Ok(_) => {
+            ids.truncate(attr.prog_cnt as usize);
+            Ok(ids)
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV)) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
