@@ -167,3 +167,34 @@ fn without_cap_sys_admin_the_live_map_check_is_skipped_and_said() {
     assert!(unprivileged["live_maps"]["reason"].as_str().unwrap().contains("CAP_SYS_ADMIN"), "{:#}", unprivileged["live_maps"]);
     assert_eq!(unprivileged["ipcache"]["entry_count"], privileged["ipcache"]["entry_count"]);
 }
+
+/// The agent re-evaluates when Cilium re-creates a pin: the programs keep the old map, so it
+/// opens `datapath-map-mismatch`, follows the map in use (a drift there opens; the empty pin
+/// does not flood it with `ipcache-missing`), and exports the maps in use.
+#[test]
+fn the_agent_finds_a_replaced_pin_and_follows_the_map_in_use() {
+    if !require_root("the_agent_finds_a_replaced_pin_and_follows_the_map_in_use") {
+        return;
+    }
+    use std::time::Duration;
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let prog = progs::classifier_using("cil_from_host", node.maps.ipcache.fd.as_fd()).unwrap();
+    let _link = progs::attach_tcx(&node.netns.name, "cilium_host", prog.as_fd(), BPF_TCX_INGRESS).unwrap();
+    let agent = kvcheck_tests::agent::Agent::start(&node, &[]);
+    let in_use = || {
+        let (_, m) = kvcheck_tests::agent::http_get(agent.port, "/metrics").unwrap();
+        m.lines().find(|l| l.starts_with("kvcheck_datapath_maps_in_use{map=\"cilium_ipcache\"}")).map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    assert_eq!(in_use().as_deref(), Some("1"));
+
+    let _stale_pin = replace_ipcache_pin(&node);
+    agent.wait_for("finding-opened", Some("datapath-map-mismatch"), Some("cilium_ipcache"), Duration::from_secs(20));
+    let remote = format!("{}/32", REMOTE_PODS[0].0);
+    node.maps.ipcache.delete(&kvcheck_tests::encode::ipcache_key(node.layout, remote.parse().unwrap(), 0)).unwrap();
+    agent.wait_for("finding-opened", Some("ipcache-missing"), Some(&remote), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut opened = agent.opened();
+    opened.sort();
+    assert_eq!(opened, vec![("datapath-map-mismatch".to_owned(), "cilium_ipcache".to_owned()), ("ipcache-missing".to_owned(), remote)]);
+    assert_eq!(in_use().as_deref(), Some("1"), "one map in use, not the pinned one");
+}

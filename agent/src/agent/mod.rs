@@ -15,6 +15,7 @@ use crate::check::kinds::FindingKind;
 use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
 use crate::datapath::events::{ChangeFeed, FollowOptions};
+use crate::datapath::inuse::LiveMaps;
 use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history;
 use crate::kvstore::watch::KvstoreWatcher;
@@ -72,6 +73,8 @@ struct State {
     last_error: Option<String>,
     /// The polling fallback is logged once per process, not at every re-open.
     fallback_logged: bool,
+    /// So is a skipped check of the maps the datapath uses.
+    live_maps_logged: bool,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -197,6 +200,12 @@ fn evaluate(state: &mut State, live: &mut Live) {
     for (map, n) in dp.live_maps.in_use_counts() {
         state.metrics.maps_in_use.get_or_create(&MapLabel { map }).set(n as i64);
     }
+    if let LiveMaps::Skipped { reason } = &dp.live_maps {
+        if !state.live_maps_logged {
+            tracing::warn!(event = "live-maps-skipped", reason = %reason, "not checking which maps the datapath's programs use; checking the pinned maps");
+            state.live_maps_logged = true;
+        }
+    }
     state.record_findings(findings, &scope, started);
     if scope == Scope::Full {
         // A full check allocates and frees a lot (decoded snapshots, findings): give the freed
@@ -227,6 +236,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         last_check: None,
         last_error: None,
         fallback_logged: false,
+        live_maps_logged: false,
     };
     let mut live: Option<Live> = None;
     let mut dirty_since: Option<Instant> = None;

@@ -81,6 +81,31 @@ impl LiveMaps {
         }
     }
 
+    /// One line per fact, for the text reports.
+    pub fn summary(&self) -> Vec<String> {
+        match self {
+            LiveMaps::Off => vec!["not checked (--live-maps off): the pinned maps were read".into()],
+            LiveMaps::Skipped { reason } => vec![format!("skipped, the pinned maps were read: {reason}")],
+            LiveMaps::Checked { in_use, pinned, read_live } => {
+                let mut out = vec![format!("{} programs attached, {} with tail calls; discovery {:.1} ms, {} requests", in_use.attached_programs, in_use.programs, in_use.took_ms, in_use.syscalls)];
+                for (name, (pin, n)) in pinned {
+                    let ids = in_use.maps.get(name);
+                    let line = match ids {
+                        None => format!("{name}: pinned map {pin} ({n} entries); no attached program uses it"),
+                        Some(ids) if ids.len() == 1 && ids.contains_key(pin) => format!("{name}: the pinned map {pin} is the one in use"),
+                        Some(ids) => {
+                            let used: Vec<String> = ids.iter().map(|(id, u)| format!("{id} ({} entries; {})", u.entries.map_or_else(|| n.to_string(), |e| e.to_string()), u.users.iter().cloned().collect::<Vec<_>>().join(", "))).collect();
+                            let read = read_live.get(name).map_or_else(|| format!("read the pin {pin}"), |id| format!("read map {id}"));
+                            format!("{name}: MISMATCH: pinned map {pin} ({n} entries), in use {}; {read}", used.join(" and "))
+                        }
+                    };
+                    out.push(line);
+                }
+                out
+            }
+        }
+    }
+
     /// Distinct maps in use per Cilium map name (0 when no attached program uses it).
     pub fn in_use_counts(&self) -> BTreeMap<String, usize> {
         match self {
@@ -112,7 +137,8 @@ impl MapsInUse {
 /// Why a discovery step failed: the report says so and the check goes on with the pins.
 fn reason(what: &str, e: &std::io::Error) -> String {
     if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
-        return format!("{what}: {e}: getting BPF programs and maps by id needs CAP_SYS_ADMIN (see deploy/)");
+        let cap = if what.starts_with("BPF_PROG_QUERY") { "querying attached programs needs CAP_NET_ADMIN" } else { "getting BPF programs and maps by id needs CAP_SYS_ADMIN" };
+        return format!("{what}: {e}: {cap} (an opt-in in deploy/kvcheck.yaml)");
     }
     format!("{what}: {e}")
 }

@@ -38,6 +38,9 @@ pub fn render(r: &CheckReport) -> String {
     let entries: Vec<String> = s.datapath.entries.iter().map(|(m, n)| format!("{m} {n}")).collect();
     let _ = writeln!(out, "  datapath  {} layout {}; {} (read {})", s.datapath.bpffs.display(), s.datapath.layout.summary(), entries.join(", "), s.datapath.read_at);
     let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
+    for line in s.datapath.live_maps.summary() {
+        let _ = writeln!(out, "  maps      {line}");
+    }
     for a in &s.assumptions {
         let _ = writeln!(out, "  assumed   {a}");
     }

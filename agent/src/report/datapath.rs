@@ -47,6 +47,9 @@ pub fn render(snapshot: &DatapathSnapshot, host: &HostAddresses) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "bpffs {}", snapshot.bpffs.display());
     let _ = writeln!(out, "layout {}", snapshot.layout.summary());
+    for line in snapshot.live_maps.summary() {
+        let _ = writeln!(out, "live maps {line}");
+    }
     let _ = writeln!(out);
 
     let ipc = &snapshot.ipcache;
