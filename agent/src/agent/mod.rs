@@ -155,7 +155,8 @@ impl State {
             *counts.entry(f.kind).or_default() += 1;
         }
         for (k, n) in counts {
-            self.metrics.findings.get_or_create(&KindLabel { kind: k.name().to_owned() }).set(n);
+            let severity = format!("{:?}", k.severity()).to_lowercase();
+            self.metrics.findings.get_or_create(&KindLabel { kind: k.name().to_owned(), severity }).set(n);
         }
     }
 }
@@ -223,7 +224,7 @@ const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&opts.check.node_name);
     let server = metrics::serve(opts.listen, metrics.clone()).await?;
     tracing::info!(event = "agent-start", listen = %opts.listen, node = %opts.check.node_name, grace = ?opts.grace, resync = ?opts.resync, "kvcheck agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
