@@ -41,8 +41,13 @@ impl Agent {
     }
 
     pub fn start_with(node: &SimulatedNode, grace: &str, extra: &[&str]) -> Agent {
+        Self::start_via(node, &node.etcd.endpoints(), grace, extra)
+    }
+
+    /// An agent reaching etcd through `endpoints` (a proxy's, say).
+    pub fn start_via(node: &SimulatedNode, endpoints: &[String], grace: &str, extra: &[&str]) -> Agent {
         let port = free_port();
-        let mut args = node.check_args();
+        let mut args = node.check_args_via(endpoints);
         args[0] = "agent".into();
         args.extend(["--grace", grace, "--health-interval", "1s", "--listen", &format!("127.0.0.1:{port}"), "--cilium-version", "1.16"].map(String::from));
         args.extend(extra.iter().map(ToString::to_string));

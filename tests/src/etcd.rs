@@ -40,6 +40,10 @@ pub struct Tls {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate without a Common Name: `etcd grpc-proxy` refuses one with a CN
+    /// towards the members (etcd would take the CN for a user name).
+    pub proxy_cert: PathBuf,
+    pub proxy_key: PathBuf,
     /// A CA that signed nothing here (for wrong-CA tests).
     pub other_ca: PathBuf,
 }
@@ -63,12 +67,12 @@ impl Tls {
             a.extend(["-keyout", key.as_str(), "-out", crt.as_str(), "-days", "2", "-subj", subj.as_str()]);
             openssl(&dir, &a)?;
         }
-        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth"), ("proxy", "clientAuth")] {
             let key = format!("{name}.key");
             let csr = format!("{name}.csr");
             let mut a = vec!["req"];
             a.extend(ec);
-            let subj = format!("/CN={name}");
+            let subj = if name == "proxy" { "/O=kvcheck grpc-proxy".to_owned() } else { format!("/CN={name}") };
             a.extend(["-keyout", key.as_str(), "-out", csr.as_str(), "-subj", subj.as_str()]);
             openssl(&dir, &a)?;
             let ext = format!("{name}.ext");
@@ -82,6 +86,8 @@ impl Tls {
             server_key: dir.join("server.key"),
             client_cert: dir.join("client.crt"),
             client_key: dir.join("client.key"),
+            proxy_cert: dir.join("proxy.crt"),
+            proxy_key: dir.join("proxy.key"),
             other_ca: dir.join("other-ca.crt"),
             dir,
         })
@@ -344,5 +350,72 @@ impl Drop for EtcdCluster {
             let _ = std::fs::remove_dir_all(&m.data_dir);
             let _ = std::fs::remove_file(m.data_dir.with_extension("log"));
         }
+    }
+}
+
+/// An `etcd grpc-proxy` in front of a cluster (same binary as the members). With TLS it
+/// terminates TLS on both sides: the cluster's server certificate towards clients, its client
+/// certificate towards the members.
+pub struct GrpcProxy {
+    pub url: String,
+    args: Vec<String>,
+    binary: String,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl GrpcProxy {
+    pub fn start(cluster: &EtcdCluster) -> Result<GrpcProxy> {
+        let port = free_port()?;
+        let upstream: Vec<String> = cluster.endpoints().iter().map(|e| e.trim_start_matches("http://").trim_start_matches("https://").to_owned()).collect();
+        let mut args = vec!["grpc-proxy".to_owned(), "start".into(), format!("--endpoints={}", upstream.join(",")), format!("--listen-addr=127.0.0.1:{port}")];
+        args.push(format!("--advertise-client-url=127.0.0.1:{port}"));
+        let scheme = match &cluster.tls {
+            Some(t) => {
+                args.extend([format!("--cacert={}", t.ca.display()), format!("--cert={}", t.proxy_cert.display()), format!("--key={}", t.proxy_key.display())]);
+                args.extend([format!("--cert-file={}", t.server_cert.display()), format!("--key-file={}", t.server_key.display()), format!("--trusted-ca-file={}", t.ca.display())]);
+                "https"
+            }
+            None => "http",
+        };
+        let log = std::env::temp_dir().join(format!("kvcheck-grpc-proxy-{}-{port}.log", std::process::id()));
+        let mut p = GrpcProxy { url: format!("{scheme}://127.0.0.1:{port}"), args, binary: cluster.binary.clone(), log, child: None };
+        p.restart()?;
+        Ok(p)
+    }
+
+    /// Kills the proxy (as a crashed or evicted proxy pod).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it (again) on the same address, and waits until it serves.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let child = Command::new(&self.binary).args(&self.args).stdout(Stdio::null()).stderr(std::fs::File::create(&self.log)?).spawn().context("starting etcd grpc-proxy")?;
+        self.child = Some(child);
+        let addr = self.url.rsplit('/').next().unwrap_or_default().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("grpc-proxy not listening on {addr}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
     }
 }

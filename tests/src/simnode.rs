@@ -105,10 +105,15 @@ impl SimulatedNode {
 
     /// `kvcheck check` arguments that point at this node (run inside its netns).
     pub fn check_args(&self) -> Vec<String> {
+        self.check_args_via(&self.etcd.endpoints())
+    }
+
+    /// [`check_args`](Self::check_args) with these etcd endpoints (e.g. a gRPC proxy's).
+    pub fn check_args_via(&self, endpoints: &[String]) -> Vec<String> {
         // A TLS cluster is reached the way Cilium's agent reaches it: through an etcd.config.
         let (etcd_flag, etcd_value) = match &self.etcd.tls {
-            Some(t) => ("--etcd-config", t.etcd_config(&self.etcd.endpoints(), &t.ca).map(|p| p.display().to_string()).unwrap_or_default()),
-            None => ("--etcd-endpoints", self.etcd.endpoints_arg()),
+            Some(t) => ("--etcd-config", t.etcd_config(endpoints, &t.ca).map(|p| p.display().to_string()).unwrap_or_default()),
+            None => ("--etcd-endpoints", endpoints.join(",")),
         };
         [
             "check",

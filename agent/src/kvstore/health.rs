@@ -15,6 +15,9 @@ pub struct EndpointStatus {
     pub version: Option<String>,
     pub member_id: Option<String>,
     pub is_leader: bool,
+    /// The endpoint is not one of the cluster's members (an `etcd grpc-proxy` or another
+    /// proxy in front of them): its Status is its upstream member's, so it is never the leader.
+    pub proxy: bool,
     pub revision: Option<i64>,
     pub error: Option<String>,
 }
@@ -26,6 +29,8 @@ pub struct ClusterHealth {
     pub total: usize,
     /// The endpoint of the leader, as reported by a reachable member.
     pub leader: Option<String>,
+    /// The leader's member id (hex), also when it is only reached through a proxy.
+    pub leader_id: Option<String>,
     pub members: Vec<String>,
 }
 
@@ -37,13 +42,25 @@ impl ClusterHealth {
         eps.into_iter().map(|e| e.endpoint.clone()).collect()
     }
 
-    /// `etcd: 3/3 connected, leader https://127.0.0.1:2379, revision 42`.
+    /// `etcd: 3/3 connected, leader https://127.0.0.1:2379, revision 42`; through a proxy
+    /// `etcd: 1/1 connected, through gRPC proxy http://127.0.0.1:23790 (upstream member
+    /// 8e9e05c52164694d; leader member 8e9e05c52164694d), revision 42`.
     pub fn status_line(&self) -> String {
         let revision = self.endpoints.iter().filter_map(|e| e.revision).max();
         let mut s = format!("etcd: {}/{} connected", self.connected, self.total);
-        match &self.leader {
-            Some(l) => s.push_str(&format!(", leader {l}")),
-            None => s.push_str(", no leader"),
+        let proxies: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.reachable && e.proxy)
+            .map(|e| format!("{} (upstream member {})", e.endpoint, e.member_id.as_deref().unwrap_or("?")))
+            .collect();
+        if !proxies.is_empty() {
+            s.push_str(&format!(", through gRPC proxy {}", proxies.join(", ")));
+        }
+        match (&self.leader, &self.leader_id) {
+            (Some(l), _) => s.push_str(&format!(", leader {l}")),
+            (None, Some(id)) if !proxies.is_empty() => s.push_str(&format!(", leader member {id} behind the proxy")),
+            _ => s.push_str(", no leader"),
         }
         if let Some(r) = revision {
             s.push_str(&format!(", revision {r}"));
@@ -70,7 +87,7 @@ pub async fn cluster_health(settings: &EtcdSettings, timeout: Duration) -> Clust
     }
     let leader_hex = leader_id.map(|id| format!("{id:x}"));
     for e in &mut endpoints {
-        e.is_leader = e.member_id.is_some() && e.member_id == leader_hex;
+        e.is_leader = !e.proxy && e.member_id.is_some() && e.member_id == leader_hex;
     }
     let leader = endpoints.iter().find(|e| e.is_leader).map(|e| e.endpoint.clone());
     ClusterHealth {
@@ -78,6 +95,7 @@ pub async fn cluster_health(settings: &EtcdSettings, timeout: Duration) -> Clust
         total: endpoints.len(),
         endpoints,
         leader,
+        leader_id: leader_hex,
         members: members.into_iter().map(|(name, urls)| format!("{name} {urls}")).collect(),
     }
 }
@@ -89,6 +107,7 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
         version: None,
         member_id: None,
         is_leader: false,
+        proxy: false,
         revision: None,
         error: None,
     };
@@ -107,9 +126,16 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
             status.version = Some(st.version().to_owned());
             status.member_id = st.header().map(|h| format!("{:x}", h.member_id()));
             status.revision = st.header().map(|h| h.revision());
-            let member_urls = members
-                .map(|m| m.members().iter().map(|m| (m.name().to_owned(), m.client_urls().join(","))).collect())
+            let listed: Vec<(u64, String, String)> = members
+                .map(|m| m.members().iter().map(|m| (m.id(), m.name().to_owned(), m.client_urls().join(","))).collect())
                 .unwrap_or_default();
+            // A member lists itself under this URL with the id its Status answers with. A gRPC
+            // proxy forwards the upstream's member list (its URL is not in it) or, with an
+            // advertise URL, lists itself under another id than the upstream member it asks.
+            let answering = st.header().map(|h| h.member_id());
+            let own = listed.iter().find(|(_, _, urls)| urls.split(',').any(|u| same_url(u, &endpoint)));
+            status.proxy = !listed.is_empty() && own.is_none_or(|(id, _, _)| Some(*id) != answering);
+            let member_urls: Vec<(String, String)> = listed.into_iter().map(|(_, name, urls)| (name, urls)).collect();
             (status, Some(st.leader()).filter(|l| *l != 0), member_urls)
         }
         Err(e) => {
@@ -117,6 +143,12 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
             (status, None, Vec::new())
         }
     }
+}
+
+/// `http://127.0.0.1:2379/` and `127.0.0.1:2379` name the same endpoint.
+fn same_url(a: &str, b: &str) -> bool {
+    let norm = |u: &str| u.trim().trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    norm(a) == norm(b)
 }
 
 /// Probes every endpoint, then connects to those that answered (leader first): tonic's

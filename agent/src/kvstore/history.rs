@@ -43,6 +43,8 @@ impl HeldNode {
 
 /// Heartbeat versions followed back at most (one a minute).
 const MAX_HEARTBEATS: usize = 10;
+/// Silence that ends a history search the server does not answer progress requests for.
+const QUIET: Duration = Duration::from_secs(1);
 /// Revisions searched when no heartbeat bounds the window.
 const UNBOUNDED_WINDOW: i64 = 100_000;
 
@@ -124,11 +126,15 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
     let mut client = etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
     let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
     let mut stream = etcd.call(what(from), client.watch(NODES_PREFIX, Some(opts))).await?;
-    // Historical events arrive in order; etcd answers a progress request only once the
-    // watcher has caught up, so a progress response at or past `to` ends the search.
+    // Historical events arrive in order. A progress response (header at or past `to`) ends the
+    // search; an etcd gRPC proxy does not answer progress requests, so there a second of
+    // silence after the events it replayed does.
     let deadline = tokio::time::Instant::now() + etcd.timeout * 2;
+    let mut last_message = tokio::time::Instant::now();
+    let mut created = false;
     loop {
         let msg = match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)), stream.message()).await {
+            Err(_) if created && last_message.elapsed() >= QUIET => return Ok(last.into_values().collect()),
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(KvstoreError::Timeout { endpoints: etcd.endpoints.join(","), operation: what(from), timeout: etcd.timeout * 2 })
             }
@@ -140,6 +146,8 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
             Ok(Ok(None)) => return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: "watch closed".into() }),
             Ok(Ok(Some(m))) => m,
         };
+        last_message = tokio::time::Instant::now();
+        created |= msg.created();
         if msg.canceled() && msg.compact_revision() > from {
             // Restart from what etcd still has (older deletes are long applied).
             from = msg.compact_revision();

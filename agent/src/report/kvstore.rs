@@ -13,9 +13,10 @@ pub fn render(v: &NodeView) -> String {
             None => {
                 let _ = writeln!(
                     out,
-                    "  {} etcd {} member {}{}",
+                    "  {} etcd {} {}member {}{}",
                     e.endpoint,
                     e.version.as_deref().unwrap_or("?"),
+                    if e.proxy { "gRPC proxy in front of " } else { "" },
                     e.member_id.as_deref().unwrap_or("?"),
                     if e.is_leader { " (leader)" } else { "" }
                 );
