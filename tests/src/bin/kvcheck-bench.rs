@@ -503,8 +503,13 @@ impl BenchNode {
 
     /// `kvcheck <sub>` pointed at this node.
     fn command(&self, sub: &str) -> Command {
+        self.command_via(sub, &self.etcd.endpoints_arg())
+    }
+
+    /// [`command`](Self::command) reaching etcd at `endpoints` (a gRPC proxy, say).
+    fn command_via(&self, sub: &str, endpoints: &str) -> Command {
         let mut c = Command::new(kvcheck_bin());
-        c.args([sub, "--bpffs", self.bpffs.root_str(), "--etcd-endpoints", &self.etcd.endpoints_arg(), "--node-name", "node-0"])
+        c.args([sub, "--bpffs", self.bpffs.root_str(), "--etcd-endpoints", endpoints, "--node-name", "node-0"])
             .args(["--netns", &format!("/var/run/netns/{}", self.ns.name), "--cilium-version", "1.17"])
             .arg("--cilium-state-dir")
             .arg(&self.state);
@@ -731,30 +736,94 @@ fn agent_load_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result
 /// Many agents against one etcd: what each costs etcd in requests, watch streams and CPU.
 /// Every agent checks the same consistent node (its datapath is shared; to etcd, an agent is
 /// an agent), so the agents do the work of a healthy cluster, not of one full of findings.
+/// What many agents cost etcd: direct, and through one `etcd grpc-proxy` (which coalesces
+/// their watches into one upstream watch), side by side.
 fn etcd_load_bench(args: &Args) -> Result<String> {
     let shape = args.load_shape;
     let node = BenchNode::build(shape, args.ipcache_entries / 10)?;
+    let keys = simdata::cluster_pairs(shape).len();
+    let direct = load_run(&node, args, None)?;
+    let proxy = kvcheck_tests::etcd::GrpcProxy::start(&node.etcd)?;
+    let via = load_run(&node, args, Some(&proxy))?;
+    let resync = format!("{}s", args.load_resync);
+    let health = format!("{}s", args.load_health);
+    let n = f64::from(args.agents);
+    let mut t = format!(
+        "{} agents (`--resync {resync} --health-interval {health}`, polling the maps), each checking a consistent node with a {}-entry ipcache, against one etcd {} member on loopback holding {keys} keys ({} nodes, {} IP entries, {} identities); kvstore puts (existing pod keys rewritten) at 10/s during a {} s window. Run twice: the agents connected to etcd directly, and through one `etcd grpc-proxy` in front of it.\n\n",
+        args.agents, node.total_ipcache, etcd_version(), shape.nodes, shape.ips, shape.identities, args.load_seconds
+    );
+    t.push_str("| | direct | through one gRPC proxy |\n|---|---:|---:|\n");
+    let row = |t: &mut String, what: &str, f: &dyn Fn(&LoadFigures) -> String| t.push_str(&format!("| {what} | {} | {} |\n", f(&direct), f(&via)));
+    row(&mut t, "start-up: all agents listed and checked (s)", &|f| format!("{:.1}", f.startup_s));
+    row(&mut t, "start-up requests etcd served, per agent", &|f| format!("{:.1}", f.startup_requests / n));
+    row(&mut t, "steady requests etcd served per minute, per agent", &|f| format!("{:.2}", f.requests_per_min / n));
+    row(&mut t, "watch streams open on etcd", &|f| format!("{:.0}", f.watch_streams));
+    row(&mut t, "watchers on etcd", &|f| format!("{:.0}", f.watchers));
+    row(&mut t, "etcd CPU at 10 changes/s (% of a core)", &|f| format!("{:.1}", f.etcd_cpu));
+    row(&mut t, "proxy CPU (% of a core)", &|f| f.proxy_cpu.map_or_else(|| "-".to_owned(), |c| format!("{c:.1}")));
+    row(&mut t, "all agents' CPU (% of a core)", &|f| format!("{:.1}", f.agents_cpu));
+    row(&mut t, "change → `finding-opened` on one agent, grace 0 (ms)", &|f| format!("{:.0}", f.latency_ms));
+    t.push_str(&format!(
+        "\nWatch streams on etcd: {:.0} direct ({:.2} per agent), {:.0} through the proxy; etcd's CPU for the same fan-out: {:.1} % direct, {:.1} % through the proxy (plus {:.1} % in the proxy).\n",
+        direct.watch_streams,
+        direct.watch_streams / n,
+        via.watch_streams,
+        direct.etcd_cpu,
+        via.etcd_cpu,
+        via.proxy_cpu.unwrap_or(0.0)
+    ));
+    Ok(t)
+}
+
+/// One etcd-load run's figures.
+struct LoadFigures {
+    startup_s: f64,
+    startup_requests: f64,
+    requests_per_min: f64,
+    watch_streams: f64,
+    watchers: f64,
+    etcd_cpu: f64,
+    proxy_cpu: Option<f64>,
+    agents_cpu: f64,
+    latency_ms: f64,
+}
+
+/// `args.agents` agents on `node` (through `proxy` when given) under the 10 writes/s trickle.
+fn load_run(node: &BenchNode, args: &Args, proxy: Option<&kvcheck_tests::etcd::GrpcProxy>) -> Result<LoadFigures> {
+    use std::io::BufRead as _;
     let etcd = &node.etcd;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let keys = simdata::cluster_pairs(shape).len();
     let member = &etcd.members[0];
     let etcd_pid = member.pid().context("etcd pid")?;
     let metrics_port = member.metrics_port;
+    let endpoints = proxy.map_or_else(|| etcd.endpoints_arg(), |p| p.url.clone());
     let resync = format!("{}s", args.load_resync);
     let health = format!("{}s", args.load_health);
 
     let before_start = EtcdMetrics::scrape(metrics_port)?;
     let t_start = Instant::now();
     let mut agents = Vec::new();
-    for _ in 0..args.agents {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, String)>();
+    for i in 0..args.agents {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = node
-            .command("agent")
-            .args(["--no-ebpf", "--poll-interval", "60s", "--resync", &resync, "--health-interval", &health])
+        // The first agent's log tells when the injected drift opened.
+        let mut child = node
+            .command_via("agent", &endpoints)
+            .args(["--no-ebpf", "--poll-interval", "60s", "--resync", &resync, "--health-interval", &health, "--grace", "0s"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if i == 0 { Stdio::piped() } else { Stdio::null() })
             .spawn()?;
+        if let Some(err) = child.stderr.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    if line.contains("finding-opened") && tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         agents.push((child, port));
     }
     let mut ready = Vec::new();
@@ -767,11 +836,12 @@ fn etcd_load_bench(args: &Args) -> Result<String> {
     // Steady state: a trickle of kvstore writes (remote pods' keys rewritten, as their agents
     // do on endpoint regeneration) fanned out to every watch, each re-checked by every agent.
     let window = Duration::from_secs(args.load_seconds);
-    let (c0, a0) = (cpu_seconds(etcd_pid), ready.iter().map(|c| cpu_seconds(c.id())).sum::<f64>());
+    let proxy_pid = proxy.and_then(kvcheck_tests::etcd::GrpcProxy::pid);
+    let (c0, a0, p0) = (cpu_seconds(etcd_pid), ready.iter().map(|c| cpu_seconds(c.id())).sum::<f64>(), proxy_pid.map(cpu_seconds));
     let client = rt.block_on(etcd_client::Client::connect(etcd.endpoints(), None))?;
     let t0 = Instant::now();
     let mut writes = 0u32;
-    let pairs: Vec<(String, String)> = simdata::cluster_pairs(shape).into_iter().filter(|(k, _)| k.starts_with("cilium/state/ip/v1/")).collect();
+    let pairs: Vec<(String, String)> = simdata::cluster_pairs(args.load_shape).into_iter().filter(|(k, _)| k.starts_with("cilium/state/ip/v1/")).collect();
     while t0.elapsed() < window {
         let (k, v) = pairs[writes as usize % pairs.len()].clone();
         let mut kv = client.kv_client();
@@ -782,41 +852,38 @@ fn etcd_load_bench(args: &Args) -> Result<String> {
     let elapsed = t0.elapsed().as_secs_f64();
     let etcd_cpu = (cpu_seconds(etcd_pid) - c0) / elapsed * 100.0;
     let agents_cpu = (ready.iter().map(|c| cpu_seconds(c.id())).sum::<f64>() - a0) / elapsed * 100.0;
+    let proxy_cpu = proxy_pid.zip(p0).map(|(pid, p0)| (cpu_seconds(pid) - p0) / elapsed * 100.0);
     let after = EtcdMetrics::scrape(metrics_port)?;
-    let agent_rss: u64 = ready.iter().map(|c| status_kib(c.id(), "VmRSS:")).sum();
+
+    // One real drift: a remote pod nobody's ipcache has, seen through the watch (or the proxy).
+    let key = "cilium/state/ip/v1/default/10.255.255.1";
+    let value = r#"{"IP":"10.255.255.1","Mask":null,"HostIP":"192.168.0.2","ID":1000,"Key":0}"#;
+    while rx.try_recv().is_ok() {}
+    let t_drift = Instant::now();
+    rt.block_on(client.kv_client().put(key, value, None))?;
+    let latency_ms = loop {
+        let (at, line) = rx.recv_timeout(Duration::from_secs(30)).context("the drift was not reported within 30 s")?;
+        if line.contains("10.255.255.1/32") {
+            break (at - t_drift).as_secs_f64() * 1000.0;
+        }
+    };
+    rt.block_on(client.kv_client().delete(key, None))?;
     for c in ready {
         stop(c);
     }
-
-    let n = f64::from(args.agents);
-    let minutes = elapsed / 60.0;
-    let mut table = format!(
-        "{} agents (`--resync {resync} --health-interval {health}`, polling the maps), each checking a consistent node with a {}-entry ipcache, against one etcd {} member on loopback holding {keys} keys ({} nodes, {} IP entries, {} identities); {} kvstore puts (existing pod keys rewritten) at 10/s during a {:.0} s window\n\n",
-        args.agents, node.total_ipcache, etcd_version(), shape.nodes, shape.ips, shape.identities, writes, elapsed
-    );
-    table.push_str(&format!(
-        "Start-up: all {} agents listed and checked in {:.1} s; etcd served {} requests for it ({:.1} per agent).\n\n",
-        args.agents, startup.as_secs_f64(), after_start.total() - before_start.total(), (after_start.total() - before_start.total()) / n
-    ));
-    table.push_str("| steady state, per agent | value |\n|---|---:|\n");
-    // kvcheck never writes: Put/Txn/DeleteRange are the bench's own trickle, not the agents'.
+    let n_min = elapsed / 60.0;
     let reads = |m: &EtcdMetrics| m.by_method.iter().filter(|(k, _)| !WRITES.contains(&k.as_str())).map(|(_, v)| v).sum::<f64>();
-    for (method, count) in after.by_method.iter().filter(|(k, _)| !WRITES.contains(&k.as_str())) {
-        let d = count - after_start.by_method.get(method).copied().unwrap_or(0.0);
-        if d > 0.0 {
-            table.push_str(&format!("| `{method}` requests per minute | {:.2} |\n", d / n / minutes));
-        }
-    }
-    table.push_str(&format!(
-        "| all requests per minute | {:.2} |\n| open watch streams (etcd's gauge / agents) | {:.2} |\n\netcd CPU during the window: {:.1} % of a core ({:.2} % per agent); all agents together: {:.1} % of a core; agents' RSS together {:.0} MiB\n",
-        (reads(&after) - reads(&after_start)) / n / minutes,
-        after.watch_streams / n,
+    Ok(LoadFigures {
+        startup_s: startup.as_secs_f64(),
+        startup_requests: after_start.total() - before_start.total(),
+        requests_per_min: (reads(&after) - reads(&after_start)) / n_min,
+        watch_streams: after.watch_streams,
+        watchers: after.watchers,
         etcd_cpu,
-        etcd_cpu / n,
+        proxy_cpu,
         agents_cpu,
-        agent_rss as f64 / 1024.0
-    ));
-    Ok(table)
+        latency_ms,
+    })
 }
 
 const WRITES: [&str; 4] = ["Put", "Txn", "DeleteRange", "Compact"];
@@ -826,6 +893,7 @@ struct EtcdMetrics {
     /// `grpc_server_started_total` by method (unary calls and streams opened).
     by_method: std::collections::BTreeMap<String, f64>,
     watch_streams: f64,
+    watchers: f64,
 }
 
 impl EtcdMetrics {
@@ -835,7 +903,7 @@ impl EtcdMetrics {
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
-        let mut m = EtcdMetrics { by_method: Default::default(), watch_streams: 0.0 };
+        let mut m = EtcdMetrics { by_method: Default::default(), watch_streams: 0.0, watchers: 0.0 };
         for line in body.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else { continue };
             let Ok(value) = value.parse::<f64>() else { continue };
@@ -844,6 +912,8 @@ impl EtcdMetrics {
                 *m.by_method.entry(method.to_owned()).or_default() += value;
             } else if name == "etcd_debugging_mvcc_watch_stream_total" {
                 m.watch_streams = value;
+            } else if name == "etcd_debugging_mvcc_watcher_total" {
+                m.watchers = value;
             }
         }
         anyhow::ensure!(!m.by_method.is_empty(), "etcd's /metrics has no grpc_server_started_total");
