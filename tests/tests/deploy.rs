@@ -24,18 +24,29 @@ fn tool(var: &str, what: &str) -> Option<PathBuf> {
 #[test]
 fn manifests_validate_against_the_kubernetes_schema() {
     let Some(tools) = tool("KVCHECK_TOOLS", "kubernetes-validate") else { return };
+    let manifests: [(&str, &[&str]); 2] = [
+        ("deploy/kvcheck.yaml", &["serviceaccount/kvcheck", "configmap/kvcheck-config", "daemonset/kvcheck"]),
+        ("deploy/etcd-grpc-proxy.yaml", &["deployment/kvcheck-etcd-proxy", "service/kvcheck-etcd-proxy", "configmap/kvcheck-etcd-config-via-proxy"]),
+    ];
     for version in ["1.25.0", "1.30.0"] {
-        let out = Command::new("python3")
-            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
-            .arg(root().join("deploy/kvcheck.yaml"))
-            .env("PYTHONPATH", tools.join("kubernetes-validate"))
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "kubernetes-validate {version}: {text}");
-        for kind in ["serviceaccount/kvcheck", "configmap/kvcheck-config", "daemonset/kvcheck"] {
-            assert!(text.contains(&format!("passed for resource {kind}")), "{kind}: {text}");
+        for (file, resources) in manifests {
+            let out = Command::new("python3")
+                .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+                .arg(root().join(file))
+                .env("PYTHONPATH", tools.join("kubernetes-validate"))
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "kubernetes-validate {version} {file}: {text}");
+            for kind in resources {
+                assert!(text.contains(&format!("passed for resource {kind}")), "{file} {kind}: {text}");
+            }
         }
+    }
+    // The proxy: three replicas on three nodes, etcd's own grpc-proxy, Cilium's etcd secrets.
+    let proxy = std::fs::read_to_string(root().join("deploy/etcd-grpc-proxy.yaml")).unwrap();
+    for needle in ["replicas: 3", "podAntiAffinity", "topologyKey: kubernetes.io/hostname", "- grpc-proxy", "secretName: cilium-etcd-secrets", "https://kvcheck-etcd-proxy.kube-system.svc:2379"] {
+        assert!(proxy.contains(needle), "etcd-grpc-proxy.yaml lacks {needle}");
     }
     // What the agent needs from the node is really mounted, read-only.
     let yaml = std::fs::read_to_string(root().join("deploy/kvcheck.yaml")).unwrap();
