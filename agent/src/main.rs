@@ -283,6 +283,9 @@ struct DatapathDocument<'a> {
     #[serde(flatten)]
     snapshot: &'a datapath::DatapathSnapshot,
     addresses: &'a addresses::HostAddresses,
+    /// When the datapath uses other maps than the pins: the pinned maps' contents too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pinned: Option<&'a datapath::DatapathSnapshot>,
 }
 
 async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
@@ -291,15 +294,25 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
     // --follow watches the maps that were read (the ones the programs use).
     opts.read_live = snapshot.live_maps.read_live();
     tracing::info!(layout = %snapshot.layout.summary(), "datapath read");
+    // Both sides of a datapath-map-mismatch: the maps in use (above) and the pins.
+    let pinned = if opts.read_live.is_empty() {
+        None
+    } else {
+        let pins = datapath::ReadOptions { live_maps: false, read_live: Default::default(), ..opts.clone() };
+        Some(tokio::task::spawn_blocking(move || datapath::read_maps(&pins)).await.context("map reader task")??)
+    };
     match args.output {
         Output::Json => {
-            let doc = DatapathDocument {
-                snapshot: &snapshot,
-                addresses: &host,
-            };
+            let doc = DatapathDocument { snapshot: &snapshot, addresses: &host, pinned: pinned.as_ref() };
             write_json(&doc)?;
         }
-        Output::Table => print!("{}", report::datapath::render(&snapshot, &host)),
+        Output::Table => {
+            print!("{}", report::datapath::render(&snapshot, &host));
+            if let Some(p) = &pinned {
+                println!("\n==== the pinned maps (the datapath's programs do not use these)");
+                print!("{}", report::datapath::render(p, &host));
+            }
+        }
     }
     if args.follow {
         follow_datapath(args, snapshot.layout.layout).await?;

@@ -95,6 +95,12 @@ fn a_replaced_pin_is_found_and_the_map_in_use_is_checked() {
     got.sort();
     assert_eq!(got, vec![("datapath-map-mismatch".to_owned(), "cilium_ipcache".to_owned()), ("ipcache-missing".to_owned(), format!("{}/32", REMOTE_PODS[0].0))], "{doc:#}");
 
+    // `dump datapath` shows both: the map in use, and the pin.
+    let out = std::process::Command::new(kvcheck_tests::kvcheck_bin()).args(["dump", "datapath", "--bpffs", node.bpffs.root_str(), "--netns", &format!("/var/run/netns/{}", node.netns.name), "--output", "json"]).output().unwrap();
+    let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dump["ipcache"]["id"].to_string(), *live_id);
+    assert_eq!(dump["pinned"]["ipcache"]["entry_count"], 1, "the stale pin holds the one injected entry: {:#}", dump["pinned"]["ipcache"]);
+
     // `--live-maps off` reads the pins only (and so sees the stale pin's view).
     let (_, doc) = check(&node, &["--live-maps", "off"]);
     assert_eq!(doc["sources"]["datapath"]["live_maps"]["status"], "off");
