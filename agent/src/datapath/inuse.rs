@@ -87,7 +87,7 @@ impl LiveMaps {
             LiveMaps::Off => vec!["not checked (--live-maps off): the pinned maps were read".into()],
             LiveMaps::Skipped { reason } => vec![format!("skipped, the pinned maps were read: {reason}")],
             LiveMaps::Checked { in_use, pinned, read_live } => {
-                let mut out = vec![format!("{} programs attached, {} with tail calls; discovery {:.1} ms, {} requests", in_use.attached_programs, in_use.programs, in_use.took_ms, in_use.syscalls)];
+                let mut out = vec![format!("{} programs attached ({} with the ones they tail-call); discovery {:.1} ms, {} requests", in_use.attached_programs, in_use.programs, in_use.took_ms, in_use.syscalls)];
                 for (name, (pin, n)) in pinned {
                     let ids = in_use.maps.get(name);
                     let line = match ids {
