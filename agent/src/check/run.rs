@@ -234,13 +234,9 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default().min(opts.hold_off + opts.settle);
         tracing::info!(wait = ?wait, held = pass.hold_off.held.len(), "waiting for Cilium's node-delete hold-off to end");
         tokio::time::sleep(wait).await;
-        let held_before = pass.hold_off.nodes.clone();
         let first_read = (pass.first_revision, pass.first_read_at);
         pass = check_once(opts, &[first_read]).await?;
         pass.hold_off.waited_ms = wait.as_millis();
-        if pass.hold_off.nodes.is_empty() {
-            pass.hold_off.nodes = held_before;
-        }
     }
     let Pass { reading, findings, assumptions, settle, hold_off, first_revision, config, .. } = pass;
     Ok(report(opts, reading, findings, assumptions, settle, hold_off, first_revision, config, started.elapsed()))
