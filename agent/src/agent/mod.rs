@@ -201,11 +201,11 @@ fn evaluate(state: &mut State, live: &mut Live) {
     for (map, n) in dp.live_maps.in_use_counts() {
         state.metrics.maps_in_use.get_or_create(&MapLabel { map }).set(n as i64);
     }
-    if let LiveMaps::Skipped { reason } = &dp.live_maps {
-        if !state.live_maps_logged {
-            tracing::warn!(event = "live-maps-skipped", reason = %reason, "not checking which maps the datapath's programs use; checking the pinned maps");
-            state.live_maps_logged = true;
-        }
+    if let LiveMaps::Skipped { reason } = &dp.live_maps
+        && !state.live_maps_logged
+    {
+        tracing::warn!(event = "live-maps-skipped", reason = %reason, "not checking which maps the datapath's programs use; checking the pinned maps");
+        state.live_maps_logged = true;
     }
     state.record_findings(findings, &scope, started);
     if scope == Scope::Full {

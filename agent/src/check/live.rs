@@ -111,12 +111,13 @@ impl LiveCheck {
     }
 
     fn count_identity_users(&mut self) {
-        self.id_users.clear();
         let ips = self.reading.kvstore.ips.iter().map(|e| e.identity);
         let observed = self.reading.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0).map(|e| e.identity);
-        for id in ips.chain(observed).collect::<Vec<_>>() {
-            self.count_identity(id, 1);
+        let mut users: HashMap<u32, usize> = HashMap::new();
+        for id in ips.chain(observed).filter(|id| identity::scope(*id) == IdentityScope::Global) {
+            *users.entry(id).or_default() += 1;
         }
+        self.id_users = users;
     }
 
     fn count_identity(&mut self, id: u32, delta: isize) {
@@ -286,8 +287,8 @@ impl LiveCheck {
         self.reading.kvstore.held_nodes.iter().map(|h| h.held_until).min()
     }
 
-    /// A remote node's key was deleted: Cilium keeps its entries for the hold-off.
-    fn hold_deleted_node(&mut self, key: &str) {
+    /// A remote node's key was deleted at `revision`: Cilium keeps its entries for the hold-off.
+    fn hold_deleted_node(&mut self, key: &str, revision: i64) {
         let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key) else { return };
         if self.hold_off.is_zero() || (n.name == self.node_name && n.cluster == self.cluster) {
             return;
@@ -295,7 +296,7 @@ impl LiveCheck {
         let now = chrono::Utc::now();
         let held = HeldNode {
             node: n.clone(),
-            deleted_revision: 0,
+            deleted_revision: revision,
             deleted_after: None,
             deleted_by: now,
             held_until: now + chrono::Duration::from_std(self.hold_off).unwrap_or_default(),
@@ -311,12 +312,7 @@ impl LiveCheck {
             self.touch_key(key);
             if key.starts_with(NODES_PREFIX) {
                 match c {
-                    Change::Delete { mod_revision, .. } => {
-                        self.hold_deleted_node(key);
-                        if let Some(h) = self.reading.kvstore.held_nodes.iter_mut().find(|h| h.key() == key) {
-                            h.deleted_revision = *mod_revision;
-                        }
-                    }
+                    Change::Delete { mod_revision, .. } => self.hold_deleted_node(key, *mod_revision),
                     // Back within the hold-off: Cilium drops the pending delete.
                     Change::Put { .. } => self.reading.kvstore.held_nodes.retain(|h| h.key() != key),
                 }

@@ -295,15 +295,5 @@ fn prog_array_ids(fd: std::os::fd::BorrowedFd<'_>, key_size: u32, syscalls: &mut
 fn count_entries(id: u32, syscalls: &mut u64) -> std::io::Result<usize> {
     let fd = sys::map_fd_by_id_readonly(id)?;
     let info = sys::map_info(fd.as_fd())?;
-    let mut key: Option<Vec<u8>> = None;
-    let mut next = vec![0u8; info.key_size as usize];
-    let mut n = 0;
-    loop {
-        *syscalls += 1;
-        if !sys::get_next_key(fd.as_fd(), key.as_deref(), &mut next)? {
-            return Ok(n);
-        }
-        n += 1;
-        key = Some(next.clone());
-    }
+    sys::count_keys(fd.as_fd(), info.key_size, syscalls)
 }

@@ -101,14 +101,7 @@ impl PinnedMap {
 
     /// Entries in the map (key iteration; no values copied).
     pub fn count_entries(&self) -> Result<usize, DatapathError> {
-        let mut key: Option<Vec<u8>> = None;
-        let mut next = vec![0u8; self.meta.key_size as usize];
-        let mut n = 0;
-        while sys::get_next_key(self.fd(), key.as_deref(), &mut next).map_err(|e| self.read_error(e))? {
-            n += 1;
-            key = Some(next.clone());
-        }
-        Ok(n)
+        sys::count_keys(self.fd(), self.meta.key_size, &mut 0).map_err(|e| self.read_error(e))
     }
 
     fn from_fd(name: &str, path: &Path, fd: OwnedFd) -> Result<PinnedMap, DatapathError> {

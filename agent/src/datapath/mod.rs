@@ -282,10 +282,10 @@ fn fill_pinned_counts(mut live: inuse::LiveMaps, snap: &DatapathSnapshot) -> inu
         let dumps = [(&snap.ipcache.meta, snap.ipcache.entry_count), (&snap.endpoints.meta, snap.endpoints.entry_count)];
         let tunnel = snap.tunnel.as_ref().map(|t| (&t.meta, t.entry_count));
         for (meta, n) in dumps.into_iter().chain(tunnel) {
-            if !read_live.contains_key(&meta.name) {
-                if let Some(p) = pinned.get_mut(&meta.name).filter(|p| p.0 == meta.id) {
-                    p.1 = n;
-                }
+            if !read_live.contains_key(&meta.name)
+                && let Some(p) = pinned.get_mut(&meta.name).filter(|p| p.0 == meta.id)
+            {
+                p.1 = n;
             }
         }
     }

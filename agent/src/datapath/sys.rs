@@ -174,6 +174,21 @@ pub fn lookup_elem(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Res
     }
 }
 
+/// Entries in a map, by key iteration (no values copied); `calls` counts the bpf() calls.
+pub fn count_keys(map: BorrowedFd<'_>, key_size: u32, calls: &mut u64) -> io::Result<usize> {
+    let mut key: Option<Vec<u8>> = None;
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0;
+    loop {
+        *calls += 1;
+        if !get_next_key(map, key.as_deref(), &mut next)? {
+            return Ok(n);
+        }
+        n += 1;
+        key = Some(next.clone());
+    }
+}
+
 /// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first key when `None`). `Ok(false)` at the end.
 pub fn get_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
     let mut attr = ElemAttr {

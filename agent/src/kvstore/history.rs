@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::client::{Etcd, KvstoreError};
 use super::reader::{self, KvstoreSnapshot};
 use super::values::{self, KvMeta, NodeEntry, HEARTBEAT_KEY, NODES_PREFIX};
+use super::view::parse_time;
 
 /// A node whose kvstore key was deleted and whose datapath entries Cilium may still hold.
 #[derive(Clone, Debug, Serialize)]
@@ -110,9 +111,6 @@ async fn heartbeats(etcd: &Etcd, snap: &KvstoreSnapshot, older_than: DateTime<Ut
     Ok(out)
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.with_timezone(&Utc))
-}
 
 /// The last delete of each node key in revisions `from..=to`, with the value it deleted. A
 /// compacted `from` restarts at the oldest revision etcd kept.
