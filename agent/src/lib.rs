@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod cilium;
 pub mod datapath;
 pub mod kvstore;
 pub mod model;

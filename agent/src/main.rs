@@ -112,8 +112,23 @@ struct CheckArgs {
     /// IPsec/WireGuard encryption; unknown accepts key 0 and the announced key.
     #[arg(long, value_enum)]
     encryption: Option<OnOff>,
+    #[command(flatten)]
+    cilium: CiliumArgs,
     #[arg(long, short, value_enum, default_value = "table")]
     output: Output,
+}
+
+#[derive(Args)]
+struct CiliumArgs {
+    /// The Cilium agent's API socket: kvcheck asks it whether Cilium is running, healthy and
+    /// done restoring endpoints before judging (read-only GETs). Without it (no socket and no
+    /// Cilium runtime state beside it) kvcheck judges the maps and pins alone.
+    #[arg(long, env = "KVCHECK_CILIUM_SOCKET", default_value = kvcheck::cilium::DEFAULT_SOCKET)]
+    cilium_socket: PathBuf,
+    /// `check`: wait this long for a Cilium agent that is down, starting, unhealthy or still
+    /// regenerating its restored endpoints; then exit 2 naming its state. 0 does not wait.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    cilium_ready_timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -385,6 +400,12 @@ impl CheckArgs {
         settle: args.settle,
         hold_off: args.node_delete_hold_off,
         hold_off_wait: !args.no_hold_off_wait,
+        cilium: kvcheck::cilium::CiliumOptions {
+            socket: args.cilium.cilium_socket.clone(),
+            ready_timeout: args.cilium.cilium_ready_timeout,
+            bpffs: args.datapath.bpffs.clone(),
+            ..Default::default()
+        },
         })
     }
 }
@@ -396,16 +417,27 @@ async fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         Output::Json => write_json(&report)?,
         Output::Table => print!("{}", report::check::render(&report)),
     }
+    if !report.judged() {
+        eprintln!("error: Cilium agent not ready: {}", report.sources.cilium.summary());
+        return Ok(ExitCode::from(EXIT_COULD_NOT_CHECK));
+    }
     Ok(if report.consistent() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DRIFT) })
 }
 
 fn explain(kind: Option<kvcheck::check::kinds::FindingKind>) {
     use kvcheck::check::kinds::FindingKind;
     let kinds: Vec<FindingKind> = kind.map_or_else(|| FindingKind::ALL.to_vec(), |k| vec![k]);
-    for k in kinds {
+    for k in &kinds {
         println!("{} ({:?})\n  {}\n  {}\n", k.name(), k.severity(), k.summary(), k.explain());
     }
+    if kinds.len() > 1 {
+        println!("{RESTARTS}");
+    }
 }
+
+/// What `kvcheck explain` says about findings while Cilium restarts.
+const RESTARTS: &str = "While Cilium restarts (upgrade, config change, OOM, crash)\n  \
+No finding is reported for what the Cilium agent is restoring. kvcheck asks the agent's API (--cilium-socket, read-only) and judges only once it is running, healthy (cilium and kvstore Ok) and has regenerated every endpoint it restored: until then its re-created, refilling ipcache and programs still on the old maps are recovery, not drift. `check` waits up to --cilium-ready-timeout, then exits 2 naming the agent's state (never 1); `agent` holds findings meanwhile and says so in its node-health lines, kvcheck_cilium_agent_state, kvcheck_judging and /readyz. Without the socket and without Cilium's runtime state beside it, kvcheck judges the maps and pins alone (sources.cilium.state = unknown).";
 
 async fn dump_kvstore(args: &DumpKvstore) -> anyhow::Result<()> {
     let settings = args.etcd.settings()?;

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod churn;
+pub mod ciliumapi;
 pub mod encode;
 pub mod etcd;
 pub mod maps;

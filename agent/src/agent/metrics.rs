@@ -23,6 +23,11 @@ pub struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -41,6 +46,12 @@ pub struct Metrics {
     pub ready_gauge: Gauge,
     pub ready: AtomicBool,
     pub failed: AtomicBool,
+    /// 1 for the Cilium agent's current state (`ready`, `restoring`, `not-running`, ...).
+    pub cilium_agent_state: Family<StateLabel, Gauge>,
+    /// 1 while findings are judged; 0 while held because the Cilium agent is recovering.
+    pub judging: Gauge,
+    /// The Cilium agent line of /readyz's body.
+    pub cilium_note: Mutex<String>,
 }
 
 impl Metrics {
@@ -61,6 +72,9 @@ impl Metrics {
             ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            cilium_agent_state: Family::default(),
+            judging: Gauge::default(),
+            cilium_note: Mutex::new("cilium: not observed yet".to_owned()),
         };
         registry.register("findings", "Open findings by kind", m.findings.clone());
         registry.register("check_duration_seconds", "Duration of a full check", m.check_duration.clone());
@@ -71,6 +85,8 @@ impl Metrics {
         registry.register("last_successful_check_timestamp_seconds", "Unix time of the last successful check", m.last_check.clone());
         registry.register("ready", "1 when the agent is ready (initial check done, etcd reachable), as /readyz", m.ready_gauge.clone());
         registry.register("datapath_maps_in_use", "Distinct maps the attached BPF programs use per Cilium map name (1 when healthy; 0 when none is attached)", m.maps_in_use.clone());
+        registry.register("cilium_agent_state", "The Cilium agent's state as kvcheck sees it (1 for the current state)", m.cilium_agent_state.clone());
+        registry.register("judging", "1 while findings are judged; 0 while held because the Cilium agent is down, starting, unhealthy or restoring endpoints", m.judging.clone());
         *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
         Arc::new(m)
     }
@@ -90,6 +106,16 @@ impl Metrics {
     pub fn set_failed(&self, failed: bool) {
         self.failed.store(failed, Ordering::Relaxed);
         self.publish_ready();
+    }
+
+    /// Publishes the Cilium agent's state (metrics and /readyz's body).
+    pub fn set_cilium(&self, state: crate::cilium::Readiness, summary: &str, judging: bool) {
+        for s in crate::cilium::Readiness::ALL {
+            self.cilium_agent_state.get_or_create(&StateLabel { state: s.name().to_owned() }).set(i64::from(s == state));
+        }
+        self.judging.set(i64::from(judging));
+        let held = if judging { "judging: on" } else { "judging: held until the Cilium agent is ready" };
+        *self.cilium_note.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = format!("cilium: {summary}\n{held}");
     }
 
     fn publish_ready(&self) {
@@ -118,10 +144,11 @@ pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
             get(move || {
                 let m = m2.clone();
                 async move {
+                    let note = m.cilium_note.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
                     if m.ready.load(Ordering::Relaxed) && !m.failed.load(Ordering::Relaxed) {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, format!("ready\n{note}\n"))
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{note}\n"))
                     }
                 }
             }),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::check::kinds::FindingKind;
 use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
+use crate::cilium::{CiliumAgent, CiliumAgentState};
 use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::datapath::inuse::LiveMaps;
 use crate::kvstore::health::{self, ClusterHealth};
@@ -75,6 +76,10 @@ struct State {
     fallback_logged: bool,
     /// So is a skipped check of the maps the datapath uses.
     live_maps_logged: bool,
+    /// The Cilium agent as last observed.
+    cilium: Option<CiliumAgentState>,
+    /// Findings are judged only while the Cilium agent is ready (or cannot be asked).
+    judging: bool,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -119,8 +124,9 @@ impl State {
             (m.join(","), dp.layout.summary())
         });
         let (last, took) = self.last_check.map_or((String::new(), 0), |(t, d)| (t.to_rfc3339(), d.as_millis()));
+        let cilium = self.cilium.as_ref().map_or_else(|| "not observed yet".to_owned(), CiliumAgentState::summary);
         tracing::info!(
-            event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
+            event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, cilium = %cilium, judging = self.judging, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
             etcd = %etcd, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
             error = %self.last_error.clone().unwrap_or_default(), "node health"
         );
@@ -207,7 +213,9 @@ fn evaluate(state: &mut State, live: &mut Live) {
         tracing::warn!(event = "live-maps-skipped", reason = %reason, "not checking which maps the datapath's programs use; checking the pinned maps");
         state.live_maps_logged = true;
     }
-    state.record_findings(findings, &scope, started);
+    if state.judging {
+        state.record_findings(findings, &scope, started);
+    }
     if scope == Scope::Full {
         // A full check allocates and frees a lot (decoded snapshots, findings): give the freed
         // pages back so an idle agent's RSS is what it holds, not its peak.
@@ -221,6 +229,71 @@ fn evaluate(state: &mut State, live: &mut Live) {
 
 /// How often the pins are checked for maps Cilium re-created (a restart or upgrade).
 const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the Cilium agent's API is asked while it is ready, and while it is not.
+const CILIUM_POLL_READY: Duration = Duration::from_secs(10);
+const CILIUM_POLL_RECOVERING: Duration = Duration::from_secs(1);
+
+/// Observes the Cilium agent in the background (its API may take seconds to answer while it
+/// starts) and publishes each state; `poke` makes it look at once (the map pins changed:
+/// Cilium is probably restarting).
+fn spawn_cilium_observer(opts: &crate::cilium::CiliumOptions, poke: Arc<tokio::sync::Notify>) -> tokio::sync::watch::Receiver<Option<CiliumAgentState>> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut agent = CiliumAgent::new(opts);
+    tokio::spawn(async move {
+        loop {
+            let st = agent.observe().await;
+            let wait = if st.state.judge() { CILIUM_POLL_READY } else { CILIUM_POLL_RECOVERING };
+            if tx.send(Some(st)).is_err() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = poke.notified() => {}
+            }
+        }
+    });
+    rx
+}
+
+/// Takes a new observation of the Cilium agent: logs a change of state, publishes it, holds
+/// judging while Cilium recovers and, when it is ready again, re-checks everything with the
+/// grace period starting afresh.
+async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumAgentState) {
+    let judge = st.state.judge();
+    let changed = state.cilium.as_ref().is_none_or(|old| old.state != st.state || old.started_at != st.started_at || old.reason != st.reason);
+    if changed {
+        let started_at = st.started_at.as_deref().unwrap_or("");
+        if judge {
+            tracing::info!(event = "cilium-agent-state", state = st.state.name(), source = st.source, started_at, reason = %st.reason, "Cilium agent state");
+        } else {
+            tracing::warn!(event = "cilium-agent-state", state = st.state.name(), source = st.source, started_at, reason = %st.reason, "Cilium agent not ready: judging held");
+        }
+    }
+    state.metrics.set_cilium(st.state, &st.summary(), judge);
+    let resumed = judge && !state.judging;
+    if judge != state.judging {
+        state.tracker.clear_pending();
+    }
+    state.judging = judge;
+    state.cilium = Some(st);
+    if resumed && let Some(l) = live.as_mut() {
+        // Cilium has restored what it restores: judge everything afresh (a resync re-reads
+        // both sides and re-checks all). The maps followed while it restored may be the old
+        // ones its programs have now left: then start over with the maps in use.
+        tracing::info!(event = "judging-resumed", "the Cilium agent is ready: re-checking everything");
+        match refresh(&state.opts, l, true).await {
+            Ok(()) => evaluate(state, l),
+            Err(e) => {
+                tracing::info!(event = "datapath-reopen", reason = %e, "re-opening the datapath now that the Cilium agent is ready");
+                *live = None;
+            }
+        }
+    }
+    if changed {
+        state.health_line(live.as_ref());
+    }
+}
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -238,7 +311,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         last_error: None,
         fallback_logged: false,
         live_maps_logged: false,
+        cilium: None,
+        judging: true,
     };
+    let cilium_poke = Arc::new(tokio::sync::Notify::new());
+    let mut cilium_rx = spawn_cilium_observer(&opts.check.cilium, cilium_poke.clone());
+    // Judge nothing before the first look at the Cilium agent.
+    if cilium_rx.changed().await.is_ok() {
+        let st = cilium_rx.borrow_and_update().clone();
+        if let Some(st) = st {
+            on_cilium_state(&mut state, &mut None, st).await;
+        }
+    }
     let mut live: Option<Live> = None;
     let mut dirty_since: Option<Instant> = None;
     let mut next_resync = Instant::now() + jitter(opts.resync);
@@ -287,6 +371,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(now)));
         tokio::pin!(sleep);
         let mut lost_live = None;
+        let mut cilium_seen = false;
         if let Some(l) = live.as_mut() {
             tokio::select! {
                 _ = term.recv() => break,
@@ -319,13 +404,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                     Err(e) => lost_live = Some(e.to_string()),
                 },
+                Ok(()) = cilium_rx.changed() => cilium_seen = true,
                 () = &mut sleep => {}
             }
         } else {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+                Ok(()) = cilium_rx.changed() => cilium_seen = true,
                 () = &mut sleep => {}
+            }
+        }
+        if cilium_seen {
+            let st = cilium_rx.borrow_and_update().clone();
+            if let Some(st) = st {
+                on_cilium_state(&mut state, &mut live, st).await;
             }
         }
         let now = Instant::now();
@@ -336,6 +429,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         if let Some(why) = lost_live {
             // Cilium re-creating its maps: start over with fresh handles.
             tracing::warn!(event = "datapath-reopen", reason = %why, "datapath maps changed under kvcheck; re-opening them");
+            cilium_poke.notify_one();
             state.last_error = Some(why);
             live = None;
             retry_at = Instant::now();

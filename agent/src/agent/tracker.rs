@@ -66,6 +66,12 @@ impl Tracker {
         out
     }
 
+    /// Forgets findings not yet open: their grace period starts again at their next
+    /// observation (judging was held, or resumes).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
     pub fn open(&self) -> impl Iterator<Item = &Finding> {
         self.open.values()
     }

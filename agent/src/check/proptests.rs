@@ -162,10 +162,10 @@ fn world(pods: &[Vec<u8>], layout: Layout) -> World {
         }
     }
     let host = HostAddresses {
-        cilium_host: Some(Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()] }),
+        cilium_host: Some(Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()], xdp: vec![] }),
         interfaces: vec![
-            Interface { name: "eth0".into(), ifindex: 2, addresses: vec![IpNet::new(this_ip, 24).unwrap()] },
-            Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()] },
+            Interface { name: "eth0".into(), ifindex: 2, addresses: vec![IpNet::new(this_ip, 24).unwrap()], xdp: vec![] },
+            Interface { name: "cilium_host".into(), ifindex: 3, addresses: vec![IpNet::new(v4(10, 1, 0, 1), 32).unwrap()], xdp: vec![] },
         ],
     };
     let dp = DatapathSnapshot {

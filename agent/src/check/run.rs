@@ -12,6 +12,7 @@ use super::config::DatapathConfig;
 use super::diff::{self, Finding, Observed};
 use super::expected::{self, NodeContext};
 use super::kinds::{FindingKind, Severity};
+use crate::cilium::{CiliumAgent, CiliumAgentState, CiliumOptions};
 use crate::datapath::addresses::HostAddresses;
 use crate::datapath::{self, DatapathSnapshot, ReadOptions};
 use crate::kvstore::client::Etcd;
@@ -39,6 +40,8 @@ pub struct CheckOptions {
     /// When a deleted node's entries are held and its delete cannot be placed before
     /// now - hold-off, wait the hold-off out and check again (else report them as held).
     pub hold_off_wait: bool,
+    /// The Cilium agent's API, and how long to wait for it to be ready.
+    pub cilium: CiliumOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +141,10 @@ impl HeldNodeInfo {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Sources {
-    pub datapath: DatapathSource,
+    /// The Cilium agent: ready, or why its datapath was not judged.
+    pub cilium: CiliumAgentState,
+    /// `None` when the datapath was not read (the Cilium agent was not ready).
+    pub datapath: Option<DatapathSource>,
     pub kvstore: KvstoreSource,
     pub config: DatapathConfig,
     pub assumptions: Vec<String>,
@@ -148,7 +154,7 @@ pub struct Sources {
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckReport {
     pub node: NodeId,
-    /// `consistent` or `drift`.
+    /// `consistent`, `drift`, or `cilium-not-ready` (not judged: exit code 2).
     pub status: &'static str,
     pub counts: Counts,
     pub findings: Vec<Finding>,
@@ -161,6 +167,11 @@ pub struct CheckReport {
 impl CheckReport {
     pub fn consistent(&self) -> bool {
         self.findings.is_empty()
+    }
+
+    /// Whether the datapath was judged (false while the Cilium agent was not ready).
+    pub fn judged(&self) -> bool {
+        self.sources.cilium.state.judge()
     }
 }
 
@@ -225,6 +236,39 @@ pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSe
 
 pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let started = std::time::Instant::now();
+    let deadline = started + opts.cilium.ready_timeout;
+    let mut agent = CiliumAgent::new(&opts.cilium);
+    loop {
+        // Judge only while Cilium is not recovering: what it is restoring is not drift.
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut before = agent.wait_ready(remaining, |st| tracing::warn!(state = st.state.name(), "waiting for the Cilium agent: {}", st.reason)).await;
+        before.waited_ms = started.elapsed().as_millis();
+        if !before.state.judge() {
+            return Ok(not_judged(opts, before, started.elapsed()).await);
+        }
+        let pass = check_pass(opts).await?;
+        // A restart that began while kvcheck read would show as drift: look again, and check
+        // afresh when the agent or its map pins changed meanwhile.
+        let mut after = agent.observe().await;
+        after.waited_ms = before.waited_ms;
+        let same = after.state.judge() && after.started_at == before.started_at && pins_of(&after) == pins_of(&before);
+        if same || std::time::Instant::now() >= deadline {
+            if !same && !after.state.judge() {
+                return Ok(not_judged(opts, after, started.elapsed()).await);
+            }
+            let Pass { reading, findings, assumptions, settle, hold_off, first_revision, config, .. } = pass;
+            return Ok(report(opts, after, reading, findings, assumptions, settle, hold_off, first_revision, config, started.elapsed()));
+        }
+        tracing::warn!(before = %before.summary(), after = %after.summary(), "the Cilium agent or its map pins changed during the check; checking again");
+    }
+}
+
+fn pins_of(st: &CiliumAgentState) -> Vec<(String, u32)> {
+    st.pins.iter().map(|p| (p.map.clone(), p.id)).collect()
+}
+
+/// One check of the node, with the node-delete hold-off waited out when needed.
+async fn check_pass(opts: &CheckOptions) -> Result<Pass, CheckError> {
     let mut pass = check_once(opts, &[]).await?;
     if opts.hold_off_wait && !pass.hold_off.held.is_empty() {
         // A deleted node's entries are still there and its delete cannot be placed far enough
@@ -238,8 +282,55 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         pass = check_once(opts, &[first_read]).await?;
         pass.hold_off.waited_ms = wait.as_millis();
     }
-    let Pass { reading, findings, assumptions, settle, hold_off, first_revision, config, .. } = pass;
-    Ok(report(opts, reading, findings, assumptions, settle, hold_off, first_revision, config, started.elapsed()))
+    Ok(pass)
+}
+
+/// A pin younger than this, with the programs on another map and no Cilium API to ask, may be
+/// a restart whose endpoints are still regenerating: the finding says so.
+const YOUNG_PIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// `datapath-map-mismatch` evidence: when the pin was made and what the Cilium agent said. With
+/// the agent ready (every restored endpoint regenerated) a mismatch is a map the programs were
+/// left on (#45196); without its API a young pin may be a restart in progress.
+fn annotate_map_mismatches(findings: &mut [Finding], cilium: &CiliumAgentState, now: chrono::DateTime<chrono::Utc>) {
+    for f in findings.iter_mut().filter(|f| f.kind == FindingKind::DatapathMapMismatch) {
+        let pinned_at = cilium.pins.iter().find(|p| p.map == f.subject).and_then(|p| p.pinned_at.clone());
+        let age = pinned_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| now - t.with_timezone(&chrono::Utc));
+        if let Some(serde_json::Value::Object(m)) = f.datapath.as_mut() {
+            m.insert("pinned_at".into(), serde_json::json!(pinned_at));
+            m.insert("cilium_agent".into(), serde_json::json!(cilium.summary()));
+        }
+        match age {
+            Some(age) if cilium.state == crate::cilium::Readiness::Unknown && age < YOUNG_PIN => f.message.push_str(&format!(
+                "; the pin is {} s old: if Cilium restarted then, its endpoints may still be regenerating (with access to its API socket kvcheck would know)",
+                age.num_seconds()
+            )),
+            _ if cilium.state == crate::cilium::Readiness::Ready => f.message.push_str("; the Cilium agent is ready and has regenerated every endpoint it restored, so these programs were left on that map"),
+            _ => {}
+        }
+    }
+}
+
+/// The report when the Cilium agent did not become ready in time: no findings, its state, and
+/// the kvstore's health (which does not depend on Cilium).
+async fn not_judged(opts: &CheckOptions, cilium: CiliumAgentState, took: Duration) -> CheckReport {
+    let health = health::cluster_health(&opts.etcd, opts.etcd_timeout).await;
+    CheckReport {
+        node: NodeId { name: opts.node_name.clone(), cluster: opts.cluster.clone() },
+        status: "cilium-not-ready",
+        counts: Counts { total: 0, critical: 0, warning: 0, info: 0, by_kind: Default::default() },
+        findings: Vec::new(),
+        sources: Sources {
+            cilium,
+            datapath: None,
+            kvstore: KvstoreSource { status: health.status_line(), revision: health.endpoints.iter().filter_map(|e| e.revision).max().unwrap_or(0), read_at: chrono::Utc::now().to_rfc3339(), keys: 0 },
+            config: DatapathConfig::default(),
+            assumptions: Vec::new(),
+        },
+        settle: SettleInfo { window_ms: opts.settle.as_millis(), settled: Vec::new(), reread_keys: 0, reread_revision: None, reread_at: None },
+        hold_off: HoldOffInfo { window_ms: opts.hold_off.as_millis(), ..Default::default() },
+        duration_ms: took.as_millis(),
+    }
 }
 
 /// One read, diff, hold-off and settle of the node.
@@ -315,6 +406,7 @@ async fn check_once(opts: &CheckOptions, earlier: &[(i64, chrono::DateTime<chron
 #[allow(clippy::too_many_arguments, reason = "assembles the report from the check's parts")]
 fn report(
     opts: &CheckOptions,
+    cilium: CiliumAgentState,
     r: Reading,
     findings: Vec<Finding>,
     assumptions: Vec<String>,
@@ -324,6 +416,8 @@ fn report(
     config: DatapathConfig,
     took: Duration,
 ) -> CheckReport {
+    let mut findings = findings;
+    annotate_map_mismatches(&mut findings, &cilium, chrono::Utc::now());
     let mut by_kind = std::collections::BTreeMap::new();
     for f in &findings {
         *by_kind.entry(f.kind).or_insert(0) += 1;
@@ -343,7 +437,8 @@ fn report(
         counts: Counts { total: findings.len(), critical: count(Severity::Critical), warning: count(Severity::Warning), info: count(Severity::Info), by_kind },
         findings,
         sources: Sources {
-            datapath: DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() },
+            cilium,
+            datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {
                 status: r.health.status_line(),
                 revision,

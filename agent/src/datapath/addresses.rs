@@ -20,6 +20,45 @@ pub struct Interface {
     pub name: String,
     pub ifindex: u32,
     pub addresses: Vec<IpNet>,
+    /// XDP programs attached to the link (Cilium's NodePort acceleration): attach mode
+    /// (`xdp driver`, `xdp generic`, `xdp offload`) and program id.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub xdp: Vec<(String, u32)>,
+}
+
+/// The XDP programs of one link from its `IFLA_XDP` attribute: the per-mode ids when the
+/// kernel gives them, else the single program with its attach mode.
+fn xdp_programs(attrs: &[LinkAttribute]) -> Vec<(String, u32)> {
+    use netlink_packet_route::link::{LinkXdp, XdpAttached};
+    let Some(xdp) = attrs.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => Some(x),
+        _ => None,
+    }) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u32)> = xdp
+        .iter()
+        .filter_map(|x| match x {
+            LinkXdp::DrvProgId(id) => Some(("xdp driver".to_owned(), *id)),
+            LinkXdp::SkbProgId(id) => Some(("xdp generic".to_owned(), *id)),
+            LinkXdp::HwProgId(id) => Some(("xdp offload".to_owned(), *id)),
+            _ => None,
+        })
+        .filter(|(_, id)| *id != 0)
+        .collect();
+    if out.is_empty() {
+        let mode = xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(XdpAttached::Driver) => Some("xdp driver"),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("xdp generic"),
+            LinkXdp::Attached(XdpAttached::Hardware) => Some("xdp offload"),
+            _ => None,
+        });
+        out.extend(xdp.iter().filter_map(|x| match x {
+            LinkXdp::ProgId(id) if *id != 0 => Some((mode.unwrap_or("xdp").to_owned(), *id)),
+            _ => None,
+        }));
+    }
+    out
 }
 
 /// Addresses as seen from the network namespace kvcheck runs in.
@@ -100,6 +139,7 @@ pub async fn read_host_addresses(netns: Option<&Path>) -> Result<HostAddresses, 
                 name,
                 ifindex: msg.header.index,
                 addresses: Vec::new(),
+                xdp: xdp_programs(&msg.attributes),
             },
         );
     }

@@ -5,8 +5,8 @@
 //! the datapath does.
 //!
 //! Discovery, per interface of the node's network namespace: classic tc `bpf` filters
-//! (rtnetlink filter dump, ingress and egress of clsact), tcx and netkit attachments
-//! (`BPF_PROG_QUERY`); for each program its map ids (`BPF_OBJ_GET_INFO_BY_FD`), and through
+//! (rtnetlink filter dump, ingress and egress of clsact), XDP programs (the link's `IFLA_XDP`:
+//! Cilium's NodePort acceleration), tcx and netkit attachments (`BPF_PROG_QUERY`); for each program its map ids (`BPF_OBJ_GET_INFO_BY_FD`), and through
 //! the prog arrays among them (`cilium_calls_*`, `cilium_call_policy`) the tail-called programs
 //! and their maps. Getting program and map fds by id needs CAP_SYS_ADMIN: without it the
 //! discovery is skipped, and says why.
@@ -174,6 +174,10 @@ pub async fn discover(netns: Option<&Path>, interfaces: &[Interface], pinned: &B
         }
     }
     conn_task.abort();
+    // XDP programs (NodePort acceleration on native devices), from the link dump.
+    for i in interfaces {
+        roots.extend(i.xdp.iter().map(|(mode, id)| (format!("{} {mode}", i.name), *id)));
+    }
 
     // tcx/netkit queries (ifindex is resolved in the calling thread's namespace) and the
     // program walk, on a helper thread inside the namespace.

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use crate::check::diff::Finding;
 use crate::check::kinds::Severity;
 use crate::check::run::CheckReport;
+use crate::cilium::CiliumAgentState;
 
 fn evidence_line(out: &mut String, label: &str, v: &Option<serde_json::Value>) {
     let Some(v) = v else { return };
@@ -25,20 +26,50 @@ fn finding(out: &mut String, f: &Finding) {
     evidence_line(out, "kvstore:", &f.kvstore);
 }
 
+fn cilium_lines(out: &mut String, c: &CiliumAgentState) {
+    let _ = writeln!(out, "  cilium    {} via {}", c.summary(), c.socket.display());
+    let mut facts = Vec::new();
+    if let Some(t) = &c.started_at {
+        facts.push(format!("API socket created {t}"));
+    }
+    if let Some(e) = &c.endpoints {
+        let states: Vec<String> = e.by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        facts.push(format!("{} endpoints ({})", e.total, states.join(", ")));
+    }
+    if let Some(kv) = &c.kvstore {
+        facts.push(format!("its kvstore: {} {}", kv.state, kv.msg.trim()));
+    }
+    if c.waited_ms >= 1000 {
+        facts.push(format!("waited {} ms for it", c.waited_ms));
+    }
+    if !facts.is_empty() {
+        let _ = writeln!(out, "  cilium    {}", facts.join("; "));
+    }
+}
+
 pub fn render(r: &CheckReport) -> String {
     let mut out = String::new();
     let c = &r.counts;
-    let verdict = if r.consistent() {
+    let verdict = if !r.judged() {
+        "NOT CHECKED: the Cilium agent is not ready; what it is restoring is not judged as drift".to_owned()
+    } else if r.consistent() {
         "CONSISTENT: the datapath agrees with the kvstore".to_owned()
     } else {
         format!("DRIFT: {} findings ({} critical, {} warning, {} info)", c.total, c.critical, c.warning, c.info)
     };
     let _ = writeln!(out, "node {}/{}: {verdict}", r.node.cluster, r.node.name);
     let s = &r.sources;
-    let entries: Vec<String> = s.datapath.entries.iter().map(|(m, n)| format!("{m} {n}")).collect();
-    let _ = writeln!(out, "  datapath  {} layout {}; {} (read {})", s.datapath.bpffs.display(), s.datapath.layout.summary(), entries.join(", "), s.datapath.read_at);
-    let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
-    for line in s.datapath.live_maps.summary() {
+    cilium_lines(&mut out, &s.cilium);
+    if let Some(dp) = &s.datapath {
+        let entries: Vec<String> = dp.entries.iter().map(|(m, n)| format!("{m} {n}")).collect();
+        let _ = writeln!(out, "  datapath  {} layout {}; {} (read {})", dp.bpffs.display(), dp.layout.summary(), entries.join(", "), dp.read_at);
+    }
+    if r.judged() {
+        let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
+    } else {
+        let _ = writeln!(out, "  kvstore   {} (read {})", s.kvstore.status, s.kvstore.read_at);
+    }
+    for line in s.datapath.iter().flat_map(|dp| dp.live_maps.summary()) {
         let _ = writeln!(out, "  maps      {line}");
     }
     for a in &s.assumptions {
