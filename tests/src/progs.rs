@@ -16,6 +16,7 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
 pub const BPF_TCX_INGRESS: u32 = 46;
 pub const BPF_TCX_EGRESS: u32 = 47;
 pub const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
@@ -42,10 +43,14 @@ fn syscall(cmd: libc::c_long, attr: &mut [u8], what: &str) -> io::Result<OwnedFd
 }
 
 fn load(name: &str, insns: &[u64]) -> io::Result<OwnedFd> {
+    load_typed(BPF_PROG_TYPE_SCHED_CLS, name, insns)
+}
+
+fn load_typed(prog_type: u32, name: &str, insns: &[u64]) -> io::Result<OwnedFd> {
     let license = c"GPL";
     let mut log = vec![0u8; 65_536];
     let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
     attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
@@ -62,6 +67,16 @@ fn load(name: &str, insns: &[u64]) -> io::Result<OwnedFd> {
 
 /// A classifier that looks up a zero key of `key_size` bytes (≤ 32) in `map`, then passes.
 pub fn classifier_using(name: &str, map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    load(name, &lookup_then_return(map, 0))
+}
+
+/// An XDP program (Cilium's NodePort acceleration) that looks up `map`, then passes.
+pub fn xdp_using(name: &str, map: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    load_typed(BPF_PROG_TYPE_XDP, name, &lookup_then_return(map, 2)) // XDP_PASS
+}
+
+/// Looks up a zero key in `map`, then returns `verdict`.
+fn lookup_then_return(map: BorrowedFd<'_>, verdict: i32) -> Vec<u64> {
     let mut p = Vec::new();
     for off in [-8i16, -16, -24, -32] {
         p.push(insn(0x7a, 10, 0, off, 0)); // *(u64 *)(r10 + off) = 0
@@ -70,9 +85,9 @@ pub fn classifier_using(name: &str, map: BorrowedFd<'_>) -> io::Result<OwnedFd> 
     p.push(insn(0x07, 2, 0, 0, -32)); // r2 += -32
     p.extend(ld_map(1, map)); // r1 = map
     p.push(insn(0x85, 0, 0, 0, 1)); // call bpf_map_lookup_elem
-    p.push(insn(0xb7, 0, 0, 0, 0)); // r0 = 0 (TC_ACT_OK)
+    p.push(insn(0xb7, 0, 0, 0, verdict)); // r0 = verdict
     p.push(insn(0x95, 0, 0, 0, 0)); // exit
-    load(name, &p)
+    p
 }
 
 /// A classifier that tail-calls slot 0 of `prog_array`, then passes.
@@ -133,6 +148,13 @@ pub fn attach_tcx(netns: &str, dev: &str, prog: BorrowedFd<'_>, attach_type: u32
         .join()
         .map_err(|_| io::Error::other("tcx attach thread panicked"))?
     })
+}
+
+/// Attaches the pinned XDP program at `pinned` to `dev` in generic mode, with iproute2.
+pub fn attach_xdp(netns: &str, dev: &str, pinned: &Path) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(["netns", "exec", netns, "ip", "link", "set", "dev", dev, "xdpgeneric", "pinned"]).arg(pinned).output()?;
+    anyhow::ensure!(out.status.success(), "ip link set {dev} xdpgeneric: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
 }
 
 /// Attaches the pinned program at `pinned` as a classic tc `bpf` filter (direct action) on

@@ -204,3 +204,24 @@ fn the_agent_finds_a_replaced_pin_and_follows_the_map_in_use() {
     assert_eq!(opened, vec![("datapath-map-mismatch".to_owned(), "cilium_ipcache".to_owned()), ("ipcache-missing".to_owned(), remote)]);
     assert_eq!(in_use().as_deref(), Some("1"), "one map in use, not the pinned one");
 }
+
+/// XDP programs (NodePort acceleration on the native device) are part of the datapath: one
+/// left on the old ipcache after the pin was replaced is found, and named as an XDP user.
+#[test]
+fn an_xdp_program_on_an_old_map_is_found() {
+    if !require_root("an_xdp_program_on_an_old_map_is_found") {
+        return;
+    }
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let xdp = progs::xdp_using("cil_xdp_entry", node.maps.ipcache.fd.as_fd()).unwrap();
+    let pinned_prog = node.bpffs.root.join("test_xdp_entry");
+    progs::pin(xdp.as_fd(), &pinned_prog).unwrap();
+    progs::attach_xdp(&node.netns.name, "eth0", &pinned_prog).unwrap();
+    let (code, doc) = check(&node, &[]);
+    assert_eq!((code, kinds(&doc)), (Some(0), vec![]), "{doc:#}");
+    let users = &doc["sources"]["datapath"]["live_maps"]["maps"]["cilium_ipcache"];
+    assert_eq!(users.as_object().unwrap().values().next().unwrap()["users"], serde_json::json!(["eth0 xdp generic: cil_xdp_entry"]), "{users:#}");
+    let _stale_pin = replace_ipcache_pin(&node);
+    let (code, doc) = check(&node, &[]);
+    assert_eq!((code, kinds(&doc)), (Some(1), vec![("datapath-map-mismatch".to_owned(), "cilium_ipcache".to_owned())]), "{doc:#}");
+}

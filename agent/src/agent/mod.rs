@@ -261,6 +261,7 @@ fn spawn_cilium_observer(opts: &crate::cilium::CiliumOptions, poke: Arc<tokio::s
 /// grace period starting afresh.
 async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumAgentState) {
     let judge = st.state.judge();
+    let first = state.cilium.is_none();
     let changed = state.cilium.as_ref().is_none_or(|old| old.state != st.state || old.started_at != st.started_at || old.reason != st.reason);
     if changed {
         let started_at = st.started_at.as_deref().unwrap_or("");
@@ -290,7 +291,8 @@ async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumA
             }
         }
     }
-    if changed {
+    // (The first node-health line comes once etcd has been probed.)
+    if changed && !first {
         state.health_line(live.as_ref());
     }
 }
