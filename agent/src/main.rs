@@ -71,6 +71,12 @@ struct AgentArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum IdentitySource {
+    Kvstore,
+    Crd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum OnOff {
     On,
     Off,
@@ -106,6 +112,14 @@ struct CheckArgs {
     /// Remote node addresses carry identity 6 (on) or 1 (off); unknown accepts both.
     #[arg(long, value_enum)]
     remote_node_identity: Option<OnOff>,
+    /// Where Cilium allocates identities (its `identity-allocation-mode`): `kvstore` checks them
+    /// against cilium/state/identities/v1/id/, `crd` (CiliumIdentity objects) does not check
+    /// them. Default: from the Cilium agent's API, else its ConfigMap (--cilium-config-map).
+    #[arg(long, value_enum)]
+    identity_source: Option<IdentitySource>,
+    /// Cilium's ConfigMap cilium-config as mounted: a directory, one file per key.
+    #[arg(long, env = "KVCHECK_CILIUM_CONFIG_MAP", default_value = kvcheck::check::config::DEFAULT_CONFIG_MAP_DIR)]
+    cilium_config_map: PathBuf,
     /// Tunnel (on) or direct routing (off); unknown: inferred from the tunnel map.
     #[arg(long, value_enum)]
     tunnel: Option<OnOff>,
@@ -395,8 +409,10 @@ impl CheckArgs {
             remote_node_identity: on_off(args.remote_node_identity),
             tunnel: on_off(args.tunnel),
             encryption: on_off(args.encryption),
+            identity_allocation_mode: args.identity_source.map(|s| if s == IdentitySource::Kvstore { "kvstore" } else { "crd" }.to_owned()),
             ..Default::default()
         },
+        config_map_dir: args.cilium_config_map.clone(),
         settle: args.settle,
         hold_off: args.node_delete_hold_off,
         hold_off_wait: !args.no_hold_off_wait,

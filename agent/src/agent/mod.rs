@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::check::kinds::FindingKind;
 use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
+use crate::cilium::state::AgentConfig;
 use crate::cilium::{CiliumAgent, CiliumAgentState};
 use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::datapath::inuse::LiveMaps;
@@ -167,7 +168,8 @@ impl State {
     }
 }
 
-async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
+/// `agent_config`: the Cilium agent's own configuration, when its API answered.
+async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> anyhow::Result<Live> {
     let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
     let watcher = KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?;
     // The layout comes from the maps' contents; then the feed, then the snapshot the check
@@ -182,7 +184,7 @@ async fn start_live(opts: &AgentOptions) -> anyhow::Result<Live> {
     let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
     let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
-    let config = run::node_config(&opts.check)?;
+    let config = run::node_config(&opts.check, agent_config)?;
     let mut check = LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading);
     check.set_hold_off(opts.check.hold_off);
     if !opts.check.hold_off.is_zero() {
@@ -283,7 +285,8 @@ async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumA
         // both sides and re-checks all). The maps followed while it restored may be the old
         // ones its programs have now left: then start over with the maps in use.
         tracing::info!(event = "judging-resumed", "the Cilium agent is ready: re-checking everything");
-        match refresh(&state.opts, l, true).await {
+        let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+        match refresh(&state.opts, l, true, agent_config.as_ref()).await {
             Ok(()) => evaluate(state, l),
             Err(e) => {
                 tracing::info!(event = "datapath-reopen", reason = %e, "re-opening the datapath now that the Cilium agent is ready");
@@ -335,7 +338,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     loop {
         // (Re)build the live sources when missing: etcd down at start, Cilium restarting...
         if live.is_none() && Instant::now() >= retry_at {
-            match start_live(&opts).await {
+            let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+            match start_live(&opts, agent_config.as_ref()).await {
                 Ok(mut l) => {
                     state.health = Some(l.check.reading().health.clone());
                     state.last_error = None;
@@ -446,7 +450,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let recheck_due = dirty_since.is_some_and(|d| now >= d + opts.debounce);
             if resync_due || recheck_due || l.check.needs_reread() {
                 dirty_since = None;
-                if let Err(e) = refresh(&opts, l, resync_due).await {
+                let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+                if let Err(e) = refresh(&opts, l, resync_due, agent_config.as_ref()).await {
                     state.last_error = Some(e.to_string());
                     live = None;
                     retry_at = now;
@@ -471,7 +476,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             if let Some(l) = live.as_mut() {
                 l.check.set_health(h.clone());
                 // Time-dependent findings (heartbeat age) and the node-scale sections.
-                if refresh(&opts, l, false).await.is_ok() {
+                if refresh(&opts, l, false, None).await.is_ok() {
                     evaluate(&mut state, l);
                 }
             }
@@ -492,7 +497,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// dump), the maps when a change could not be applied, and on a resync everything (the maps,
 /// a fresh kvstore list, node_config.h): the watch and change events are the fast path, the
 /// resync the safety net.
-async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool) -> Result<(), crate::check::run::CheckError> {
+async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool, agent_config: Option<&AgentConfig>) -> Result<(), crate::check::run::CheckError> {
     if resync || l.check.needs_reread() {
         let (dp, host) = run::read_datapath(&opts.check.datapath).await?;
         let read_live = dp.live_maps.read_live();
@@ -517,7 +522,7 @@ async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool) -> Result<(), 
                 Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
             }
         }
-        match run::node_config(&opts.check) {
+        match run::node_config(&opts.check, agent_config) {
             Ok(c) => l.check.set_config(c),
             Err(e) => tracing::warn!(event = "resync-error", error = %e, "re-reading node_config.h failed"),
         }

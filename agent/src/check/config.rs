@@ -21,8 +21,51 @@ pub struct DatapathConfig {
     pub encryption: Option<bool>,
     pub node_encryption: Option<bool>,
     pub host_firewall: Option<bool>,
+    /// Cilium's `identity-allocation-mode`: `kvstore`, `crd`, or (v1.17+) `doublewrite-readkvstore`
+    /// / `doublewrite-readcrd`: where the identities the datapath uses are kept.
+    pub identity_allocation_mode: Option<String>,
     /// Where the settings came from.
     pub sources: Vec<String>,
+}
+
+/// Cilium's ConfigMap `cilium-config` as a DaemonSet mounts it: a directory, one file per key.
+pub const DEFAULT_CONFIG_MAP_DIR: &str = "/etc/cilium/config-map";
+
+impl DatapathConfig {
+    /// Whether the agent allocates identities in the kvstore (`None`: not known).
+    pub fn identities_in_kvstore(&self) -> Option<bool> {
+        self.identity_allocation_mode.as_deref().map(|m| matches!(m, "kvstore" | "doublewrite-readkvstore"))
+    }
+
+    /// Fills what is still unknown from the Cilium agent's own configuration (`GET /v1/config`).
+    pub fn fill_from_agent(&mut self, agent: &crate::cilium::state::AgentConfig) {
+        let before = self.clone();
+        self.ipv4 = self.ipv4.or(agent.ipv4);
+        self.ipv6 = self.ipv6.or(agent.ipv6);
+        self.tunnel = self.tunnel.or(agent.routing_mode.as_deref().map(|m| m == "tunnel"));
+        if self.identity_allocation_mode.is_none() {
+            self.identity_allocation_mode.clone_from(&agent.identity_allocation_mode);
+        }
+        if *self != before {
+            self.sources.push("Cilium API /v1/config".to_owned());
+        }
+    }
+
+    /// Fills `identity-allocation-mode` from the cilium-config ConfigMap directory when still
+    /// unknown (a missing directory or key changes nothing).
+    pub fn fill_from_config_map(&mut self, dir: &Path) {
+        if self.identity_allocation_mode.is_some() {
+            return;
+        }
+        let path = dir.join("identity-allocation-mode");
+        if let Ok(v) = std::fs::read_to_string(&path) {
+            let v = v.trim();
+            if !v.is_empty() {
+                self.identity_allocation_mode = Some(v.to_owned());
+                self.sources.push(path.display().to_string());
+            }
+        }
+    }
 }
 
 /// `#define NAME VALUE` lines of node_config.h.
@@ -65,6 +108,7 @@ impl DatapathConfig {
             encryption: flag(&["ENABLE_IPSEC", "ENABLE_WIREGUARD"]),
             node_encryption: flag(&["ENABLE_NODE_ENCRYPTION", "ENCRYPT_NODE"]),
             host_firewall: flag(&["ENABLE_HOST_FIREWALL"]),
+            identity_allocation_mode: None,
             sources: vec![source.to_owned()],
         }
     }
@@ -83,9 +127,13 @@ impl DatapathConfig {
         pick(&mut self.encryption, o.encryption);
         pick(&mut self.node_encryption, o.node_encryption);
         pick(&mut self.host_firewall, o.host_firewall);
+        if o.identity_allocation_mode.is_some() {
+            self.identity_allocation_mode.clone_from(&o.identity_allocation_mode);
+        }
         if [o.ipv4, o.ipv6, o.tunnel, o.remote_node_identity, o.encryption, o.node_encryption, o.host_firewall]
             .iter()
             .any(Option::is_some)
+            || o.identity_allocation_mode.is_some()
         {
             self.sources.push("options".to_owned());
         }

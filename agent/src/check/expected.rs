@@ -88,6 +88,32 @@ pub struct ExpectedState {
     pub node_addresses: BTreeSet<IpAddr>,
     /// Every guess made where the configuration was not known.
     pub assumptions: Vec<String>,
+    /// Why the identities are not checked against `identities/v1/id/` (they live elsewhere).
+    pub identities_not_checked: Option<String>,
+}
+
+/// Whether the identities the datapath uses can be checked against the kvstore's
+/// `identities/v1/id/`: only where Cilium allocates them there. In CRD mode (Helm's default, also
+/// with etcd for nodes and IPs) they are CiliumIdentity objects; when the mode is not known, an
+/// empty identities prefix with global identities in use answers the question the same way
+/// (reported once, never as one `identity-missing` per identity).
+pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig) -> Option<String> {
+    let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
+    match cfg.identities_in_kvstore() {
+        Some(true) => None,
+        Some(false) => Some(format!(
+            "identity-allocation-mode {} (from {}): Cilium keeps identities as CiliumIdentity objects in the Kubernetes API, which this kvcheck does not read; identities were not checked",
+            cfg.identity_allocation_mode.as_deref().unwrap_or_default(),
+            from()
+        )),
+        None => {
+            let global = |id: u32| identity::scope(id) == identity::IdentityScope::Global;
+            let in_use = snap.ips.iter().filter(|e| global(e.identity)).count();
+            (snap.identities.is_empty() && in_use > 0).then(|| format!(
+                "cilium/state/identities/v1/id/ is empty while {in_use} ip/v1 entries use global identities: Cilium allocates identities as CiliumIdentity objects here (identity-allocation-mode crd, Helm's default), so they were not checked; give kvcheck Cilium's API socket or its ConfigMap, or --identity-source kvstore to check them in the kvstore anyway"
+            ))
+        }
+    }
 }
 
 fn set<T: Ord>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
@@ -165,6 +191,7 @@ impl Builder<'_> {
 
 fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
     let mut b = Builder { exp: ExpectedState::default(), wanted };
+    b.exp.identities_not_checked = identities_not_checked(snap, &ctx.config);
     let node = own_node(snap, ctx).cloned();
     let families = families(ctx, node.as_ref(), &mut b.exp.assumptions);
     let remote_node_ids = remote_node_identities(&ctx.config, &mut b.exp.assumptions);

@@ -33,6 +33,8 @@ pub struct CheckOptions {
     pub state_dir: PathBuf,
     /// Options that override node_config.h.
     pub config_overrides: DatapathConfig,
+    /// Cilium's ConfigMap as mounted (one file per key): `identity-allocation-mode`.
+    pub config_map_dir: PathBuf,
     /// Wait this long and re-read what the findings touch; 0 disables.
     pub settle: Duration,
     /// Cilium's node-delete hold-off (`NodeDeleteDelay`); 0 disables the modelling.
@@ -143,11 +145,28 @@ impl HeldNodeInfo {
 pub struct Sources {
     /// The Cilium agent: ready, or why its datapath was not judged.
     pub cilium: CiliumAgentState,
+    /// Where the identities the datapath uses were checked, or why not.
+    pub identities: IdentitiesSource,
     /// `None` when the datapath was not read (the Cilium agent was not ready).
     pub datapath: Option<DatapathSource>,
     pub kvstore: KvstoreSource,
     pub config: DatapathConfig,
     pub assumptions: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IdentitiesSource {
+    pub checked: bool,
+    /// `identity-allocation-mode` as known (`null`: not known).
+    pub mode: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl IdentitiesSource {
+    pub fn of(snap: &KvstoreSnapshot, cfg: &DatapathConfig) -> IdentitiesSource {
+        let reason = expected::identities_not_checked(snap, cfg);
+        IdentitiesSource { checked: reason.is_none(), mode: cfg.identity_allocation_mode.clone(), reason }
+    }
 }
 
 /// The JSON document of `kvcheck check` (schema in the README).
@@ -194,8 +213,14 @@ pub async fn read_datapath(opts: &ReadOptions) -> Result<(DatapathSnapshot, Host
     Ok(datapath::read_node(opts).await?)
 }
 
-pub fn node_config(opts: &CheckOptions) -> Result<DatapathConfig, CheckError> {
+/// The agent's configuration: node_config.h, then what the Cilium agent's API says, then its
+/// ConfigMap, each filling what is still unknown; options override all.
+pub fn node_config(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>) -> Result<DatapathConfig, CheckError> {
     let mut cfg = DatapathConfig::from_state_dir(&opts.state_dir).map_err(|source| CheckError::NodeConfig { path: opts.state_dir.clone(), source })?;
+    if let Some(a) = agent {
+        cfg.fill_from_agent(a);
+    }
+    cfg.fill_from_config_map(&opts.config_map_dir);
     cfg.apply(&opts.config_overrides);
     Ok(cfg)
 }
@@ -246,7 +271,7 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         if !before.state.judge() {
             return Ok(not_judged(opts, before, started.elapsed()).await);
         }
-        let pass = check_pass(opts).await?;
+        let pass = check_pass(opts, before.config.as_ref()).await?;
         // A restart that began while kvcheck read would show as drift: look again, and check
         // afresh when the agent or its map pins changed meanwhile.
         let mut after = agent.observe().await;
@@ -268,8 +293,8 @@ fn pins_of(st: &CiliumAgentState) -> Vec<(String, u32)> {
 }
 
 /// One check of the node, with the node-delete hold-off waited out when needed.
-async fn check_pass(opts: &CheckOptions) -> Result<Pass, CheckError> {
-    let mut pass = check_once(opts, &[]).await?;
+async fn check_pass(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>) -> Result<Pass, CheckError> {
+    let mut pass = check_once(opts, agent, &[]).await?;
     if opts.hold_off_wait && !pass.hold_off.held.is_empty() {
         // A deleted node's entries are still there and its delete cannot be placed far enough
         // back: wait until Cilium has certainly applied it (a delete is never later than the
@@ -279,7 +304,7 @@ async fn check_pass(opts: &CheckOptions) -> Result<Pass, CheckError> {
         tracing::info!(wait = ?wait, held = pass.hold_off.held.len(), "waiting for Cilium's node-delete hold-off to end");
         tokio::time::sleep(wait).await;
         let first_read = (pass.first_revision, pass.first_read_at);
-        pass = check_once(opts, &[first_read]).await?;
+        pass = check_once(opts, agent, &[first_read]).await?;
         pass.hold_off.waited_ms = wait.as_millis();
     }
     Ok(pass)
@@ -322,6 +347,7 @@ async fn not_judged(opts: &CheckOptions, cilium: CiliumAgentState, took: Duratio
         findings: Vec::new(),
         sources: Sources {
             cilium,
+            identities: IdentitiesSource::default(),
             datapath: None,
             kvstore: KvstoreSource { status: health.status_line(), revision: health.endpoints.iter().filter_map(|e| e.revision).max().unwrap_or(0), read_at: chrono::Utc::now().to_rfc3339(), keys: 0 },
             config: DatapathConfig::default(),
@@ -348,8 +374,8 @@ struct Pass {
 }
 
 /// `earlier`: reads of earlier passes `(revision, time)`, which bound when a delete happened.
-async fn check_once(opts: &CheckOptions, earlier: &[(i64, chrono::DateTime<chrono::Utc>)]) -> Result<Pass, CheckError> {
-    let cfg = node_config(opts)?;
+async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>, earlier: &[(i64, chrono::DateTime<chrono::Utc>)]) -> Result<Pass, CheckError> {
+    let cfg = node_config(opts, agent)?;
     let (etcd, health) = health::connect_healthy(&opts.etcd, opts.etcd_timeout).await?;
     let kvstore = reader::read_snapshot(&etcd, &opts.list).await?;
     let kvstore_read_at = chrono::Utc::now();
@@ -438,6 +464,7 @@ fn report(
         findings,
         sources: Sources {
             cilium,
+            identities: IdentitiesSource::of(&r.kvstore, &config),
             datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {
                 status: r.health.status_line(),

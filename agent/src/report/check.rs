@@ -72,6 +72,9 @@ pub fn render(r: &CheckReport) -> String {
     for line in s.datapath.iter().flat_map(|dp| dp.live_maps.summary()) {
         let _ = writeln!(out, "  maps      {line}");
     }
+    if r.judged() && !s.identities.checked {
+        let _ = writeln!(out, "  identities not checked: {}", s.identities.reason.as_deref().unwrap_or_default());
+    }
     for a in &s.assumptions {
         let _ = writeln!(out, "  assumed   {a}");
     }
