@@ -48,6 +48,13 @@ fn identities_kept_as_crds_are_a_mode_not_a_flood_of_findings() {
     let table = String::from_utf8_lossy(&node.check(&["--settle", "0", "--cilium-config-map", "/nonexistent"]).stdout).into_owned();
     assert!(table.contains("identities not checked:"), "{table}");
 
+    // A remote identity put back by hand (as the oracle's hand-written remote pod has): the
+    // prefix is not empty, but this node's endpoints have no reference key from it.
+    node.etcd_put("cilium/state/identities/v1/id/1002", kvcheck_tests::simcluster::IDENTITIES[2].1).unwrap();
+    let (code, doc) = check(&node, &[]);
+    assert_eq!((code, doc["sources"]["identities"]["checked"].as_bool()), (Some(0), Some(false)), "{doc:#}");
+    assert!(doc["sources"]["identities"]["reason"].as_str().unwrap().contains("holds no cilium/state/identities/v1/value/ reference"), "{doc:#}");
+
     // Told the mode is kvstore: the lost identities are drift.
     let (code, doc) = check(&node, &["--identity-source", "kvstore"]);
     assert_eq!(code, Some(1), "{doc:#}");
@@ -62,6 +69,15 @@ fn identities_kept_as_crds_are_a_mode_not_a_flood_of_findings() {
     let ids = &doc["sources"]["identities"];
     assert_eq!((ids["checked"].as_bool(), ids["mode"].as_str()), (Some(false), Some("crd")), "{ids:#}");
     assert!(ids["reason"].as_str().unwrap().contains("Cilium API /v1/config"), "{ids:#}");
+
+    // An agent without a kvstore (CRD mode): etcd's content is not its cluster state.
+    let Mode::Serve(mut docs) = agent_docs("ready", true) else { unreachable!() };
+    docs.get_mut("config").unwrap()["status"]["daemonConfigurationMap"]["KVStore"] = Value::String(String::new());
+    let crd = CiliumApi::start(Mode::Serve(docs));
+    let out = node.check(&["--settle", "0", "--cilium-socket", crd.socket_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("runs without a kvstore (CRD mode"), "{stderr}");
 
     // The mode from Cilium's ConfigMap as mounted (one file per key).
     let cm = api.runtime_dir.join("config-map");

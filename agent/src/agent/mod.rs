@@ -261,8 +261,12 @@ fn spawn_cilium_observer(opts: &crate::cilium::CiliumOptions, poke: Arc<tokio::s
 /// Takes a new observation of the Cilium agent: logs a change of state, publishes it, holds
 /// judging while Cilium recovers and, when it is ready again, re-checks everything with the
 /// grace period starting afresh.
-async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumAgentState) {
-    let judge = st.state.judge();
+async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, mut st: CiliumAgentState) {
+    if let Some(why) = st.config.as_ref().and_then(AgentConfig::crd_mode) {
+        // Not checkable from the kvstore: hold judging and say why.
+        st.reason = why;
+    }
+    let judge = st.state.judge() && st.config.as_ref().and_then(AgentConfig::crd_mode).is_none();
     let first = state.cilium.is_none();
     let changed = state.cilium.as_ref().is_none_or(|old| old.state != st.state || old.started_at != st.started_at || old.reason != st.reason);
     if changed {

@@ -95,9 +95,11 @@ pub struct ExpectedState {
 /// Whether the identities the datapath uses can be checked against the kvstore's
 /// `identities/v1/id/`: only where Cilium allocates them there. In CRD mode (Helm's default, also
 /// with etcd for nodes and IPs) they are CiliumIdentity objects; when the mode is not known, an
-/// empty identities prefix with global identities in use answers the question the same way
-/// (reported once, never as one `identity-missing` per identity).
-pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig) -> Option<String> {
+/// empty identities prefix with global identities in use answers the question the same way, and
+/// so do local endpoints with global identities while this node holds no `value/` reference
+/// key at all (an agent allocating in the kvstore writes one per identity it uses): reported
+/// once, never as one `identity-missing` per identity.
+pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
     let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
     match cfg.identities_in_kvstore() {
         Some(true) => None,
@@ -107,11 +109,20 @@ pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config
             from()
         )),
         None => {
+            // Cheap tests first: this runs on every re-check of the agent.
             let global = |id: u32| identity::scope(id) == identity::IdentityScope::Global;
-            let in_use = snap.ips.iter().filter(|e| global(e.identity)).count();
-            (snap.identities.is_empty() && in_use > 0).then(|| format!(
-                "cilium/state/identities/v1/id/ is empty while {in_use} ip/v1 entries use global identities: Cilium allocates identities as CiliumIdentity objects here (identity-allocation-mode crd, Helm's default), so they were not checked; give kvcheck Cilium's API socket or its ConfigMap, or --identity-source kvstore to check them in the kvstore anyway"
-            ))
+            let hint = "Cilium allocates identities as CiliumIdentity objects here (identity-allocation-mode crd, Helm's default), so they were not checked; give kvcheck Cilium's API socket or its ConfigMap, or --identity-source kvstore to check them in the kvstore anyway";
+            if snap.identities.is_empty() {
+                let in_use = snap.ips.iter().filter(|e| global(e.identity)).count();
+                return (in_use > 0).then(|| format!("cilium/state/identities/v1/id/ is empty while {in_use} ip/v1 entries use global identities: {hint}"));
+            }
+            let node = own?;
+            let ips: BTreeSet<IpAddr> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().collect();
+            if snap.identity_references.iter().any(|r| r.node.parse().is_ok_and(|ip| ips.contains(&ip))) {
+                return None;
+            }
+            let local = snap.ips.iter().filter(|e| global(e.identity) && e.host_ip.is_some_and(|h| ips.contains(&h))).count();
+            (local > 0).then(|| format!("{local} local endpoints use global identities but this node holds no cilium/state/identities/v1/value/ reference: {hint}"))
         }
     }
 }
@@ -191,8 +202,8 @@ impl Builder<'_> {
 
 fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
     let mut b = Builder { exp: ExpectedState::default(), wanted };
-    b.exp.identities_not_checked = identities_not_checked(snap, &ctx.config);
     let node = own_node(snap, ctx).cloned();
+    b.exp.identities_not_checked = identities_not_checked(snap, &ctx.config, node.as_ref());
     let families = families(ctx, node.as_ref(), &mut b.exp.assumptions);
     let remote_node_ids = remote_node_identities(&ctx.config, &mut b.exp.assumptions);
     if ctx.config.encryption.is_none() {

@@ -60,6 +60,8 @@ pub enum CheckError {
     },
     #[error("internal: {0}")]
     Task(String),
+    #[error("not checked: {0}")]
+    Unsupported(String),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -163,8 +165,8 @@ pub struct IdentitiesSource {
 }
 
 impl IdentitiesSource {
-    pub fn of(snap: &KvstoreSnapshot, cfg: &DatapathConfig) -> IdentitiesSource {
-        let reason = expected::identities_not_checked(snap, cfg);
+    pub fn of(snap: &KvstoreSnapshot, cfg: &DatapathConfig, own: Option<&crate::kvstore::values::NodeEntry>) -> IdentitiesSource {
+        let reason = expected::identities_not_checked(snap, cfg, own);
         IdentitiesSource { checked: reason.is_none(), mode: cfg.identity_allocation_mode.clone(), reason }
     }
 }
@@ -270,6 +272,9 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         before.waited_ms = started.elapsed().as_millis();
         if !before.state.judge() {
             return Ok(not_judged(opts, before, started.elapsed()).await);
+        }
+        if let Some(why) = before.config.as_ref().and_then(crate::cilium::state::AgentConfig::crd_mode) {
+            return Err(CheckError::Unsupported(why));
         }
         let pass = check_pass(opts, before.config.as_ref()).await?;
         // A restart that began while kvcheck read would show as drift: look again, and check
@@ -464,7 +469,7 @@ fn report(
         findings,
         sources: Sources {
             cilium,
-            identities: IdentitiesSource::of(&r.kvstore, &config),
+            identities: IdentitiesSource::of(&r.kvstore, &config, r.kvstore.nodes.iter().find(|n| n.name == opts.node_name && n.cluster == opts.cluster)),
             datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {
                 status: r.health.status_line(),
