@@ -9,4 +9,5 @@ pub mod cilium;
 pub mod datapath;
 pub mod kvstore;
 pub mod model;
+pub mod options;
 pub mod report;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -49,13 +50,13 @@ struct AgentArgs {
     #[command(flatten)]
     check: CheckArgs,
     /// Report a finding as opened only after it persisted this long.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = kvcheck::options::duration_in(Duration::ZERO, Duration::from_secs(86_400)))]
     grace: std::time::Duration,
     /// Full re-read of both sides (jittered), the safety net behind the watch and events.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = kvcheck::options::duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
     resync: std::time::Duration,
     /// Node-health log line period (also logged on every status change).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = kvcheck::options::duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
     health_interval: std::time::Duration,
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
@@ -66,7 +67,7 @@ struct AgentArgs {
     #[arg(long, env = "KVCHECK_NO_EBPF", value_parser = clap::builder::FalseyValueParser::new())]
     no_ebpf: bool,
     /// Map polling interval when eBPF change events are unavailable or off.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = kvcheck::options::duration_in(Duration::from_millis(10), Duration::from_secs(3600)))]
     poll_interval: std::time::Duration,
 }
 
@@ -99,11 +100,11 @@ struct CheckArgs {
     cilium_state_dir: PathBuf,
     /// Wait this long and re-read what the findings touch, keeping only findings that persist
     /// (Cilium propagates asynchronously); 0 disables. E.g. 2s, 500ms.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = kvcheck::options::duration_in(Duration::ZERO, Duration::from_secs(600)))]
     settle: std::time::Duration,
     /// Cilium applies a node delete this long after the key goes (NodeDeleteDelay); until then
     /// the node's entries are held, not drift. 0 treats them as drift at once.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = kvcheck::options::duration_in(Duration::ZERO, Duration::from_secs(3600)))]
     node_delete_hold_off: std::time::Duration,
     /// `check` only: report a deleted node's entries as held instead of waiting for its
     /// hold-off to end when the delete cannot be placed in time (no later heartbeat).
@@ -141,7 +142,7 @@ struct CiliumArgs {
     cilium_socket: PathBuf,
     /// `check`: wait this long for a Cilium agent that is down, starting, unhealthy or still
     /// regenerating its restored endpoints; then exit 2 naming its state. 0 does not wait.
-    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = kvcheck::options::duration_in(Duration::ZERO, Duration::from_secs(3600)))]
     cilium_ready_timeout: std::time::Duration,
 }
 
@@ -170,14 +171,14 @@ struct EtcdOptions {
     /// Client key for etcd.
     #[arg(long)]
     etcd_key: Option<PathBuf>,
-    /// Bound on each etcd request and connection attempt, in seconds.
-    #[arg(long, default_value_t = 5.0)]
-    etcd_timeout: f64,
+    /// Bound on each etcd request and connection attempt, in seconds (0.1 to 300).
+    #[arg(long, default_value = "5", value_parser = kvcheck::options::seconds_in(0.1, 300.0))]
+    etcd_timeout: Duration,
     /// Also count KVStoreMesh's cilium/cache/ keys.
     #[arg(long)]
     include_kvstoremesh_cache: bool,
     /// Keys per etcd range request (memory vs round trips; see BENCHMARKS.md).
-    #[arg(long, default_value_t = kvstore::reader::DEFAULT_PAGE_SIZE)]
+    #[arg(long, default_value_t = kvstore::reader::DEFAULT_PAGE_SIZE, value_parser = kvcheck::options::integer_in(0, 1_000_000))]
     etcd_page_size: i64,
 }
 
@@ -230,7 +231,7 @@ impl EtcdOptions {
     }
 
     fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.etcd_timeout.max(0.1))
+        self.etcd_timeout
     }
 }
 
@@ -286,7 +287,7 @@ struct DumpDatapath {
     #[arg(long, env = "KVCHECK_NO_EBPF", value_parser = clap::builder::FalseyValueParser::new())]
     no_ebpf: bool,
     /// Polling interval when eBPF change events are unavailable or off.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = kvcheck::options::duration_in(Duration::from_millis(10), Duration::from_secs(3600)))]
     poll_interval: std::time::Duration,
 }
 
