@@ -53,7 +53,13 @@ fn identities_kept_as_crds_are_a_mode_not_a_flood_of_findings() {
     node.etcd_put("cilium/state/identities/v1/id/1002", kvcheck_tests::simcluster::IDENTITIES[2].1).unwrap();
     let (code, doc) = check(&node, &[]);
     assert_eq!((code, doc["sources"]["identities"]["checked"].as_bool()), (Some(0), Some(false)), "{doc:#}");
-    assert!(doc["sources"]["identities"]["reason"].as_str().unwrap().contains("holds no cilium/state/identities/v1/value/ reference"), "{doc:#}");
+    assert!(doc["sources"]["identities"]["reason"].as_str().unwrap().contains("neither id/ keys nor a value/ reference"), "{doc:#}");
+    // A node that only lost its reference keys is still kvstore mode: that is drift.
+    node.etcd_put("cilium/state/identities/v1/id/1000", kvcheck_tests::simcluster::IDENTITIES[0].1).unwrap();
+    let (code, doc) = check(&node, &[]);
+    assert_eq!((code, doc["sources"]["identities"]["checked"].as_bool()), (Some(1), Some(true)), "{doc:#}");
+    assert!(kinds(&doc).contains(&pair("identity-reference-missing", "1000")), "{doc:#}");
+    node.etcd_del("cilium/state/identities/v1/id/1000").unwrap();
 
     // Told the mode is kvstore: the lost identities are drift.
     let (code, doc) = check(&node, &["--identity-source", "kvstore"]);

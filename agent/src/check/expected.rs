@@ -96,9 +96,9 @@ pub struct ExpectedState {
 /// `identities/v1/id/`: only where Cilium allocates them there. In CRD mode (Helm's default, also
 /// with etcd for nodes and IPs) they are CiliumIdentity objects; when the mode is not known, an
 /// empty identities prefix with global identities in use answers the question the same way, and
-/// so do local endpoints with global identities while this node holds no `value/` reference
-/// key at all (an agent allocating in the kvstore writes one per identity it uses): reported
-/// once, never as one `identity-missing` per identity.
+/// so do local endpoints whose global identities have no `id/` key while this node holds no
+/// `value/` reference key at all (an agent allocating in the kvstore writes both for every
+/// identity it uses): reported once, never as one `identity-missing` per identity.
 pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
     let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
     match cfg.identities_in_kvstore() {
@@ -121,8 +121,11 @@ pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config
             if snap.identity_references.iter().any(|r| r.node.parse().is_ok_and(|ip| ips.contains(&ip))) {
                 return None;
             }
-            let local = snap.ips.iter().filter(|e| global(e.identity) && e.host_ip.is_some_and(|h| ips.contains(&h))).count();
-            (local > 0).then(|| format!("{local} local endpoints use global identities but this node holds no cilium/state/identities/v1/value/ reference: {hint}"))
+            // A node that merely lost its reference keys still finds its identities' id/ keys.
+            let local: BTreeSet<u32> = snap.ips.iter().filter(|e| global(e.identity) && e.host_ip.is_some_and(|h| ips.contains(&h))).map(|e| e.identity).collect();
+            (!local.is_empty() && !local.iter().any(|id| snap.identities.contains_key(id))).then(|| {
+                format!("the {} global identities of this node's endpoints have neither id/ keys nor a value/ reference from this node in cilium/state/identities/v1/: {hint}", local.len())
+            })
         }
     }
 }
