@@ -91,6 +91,11 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl State {
+    /// The Cilium agent's own configuration, when its API answered.
+    fn agent_config(&self) -> Option<AgentConfig> {
+        self.cilium.as_ref().and_then(|c| c.config.clone())
+    }
+
     fn log_transition(&self, t: &Transition) {
         match t {
             Transition::Opened(f) => tracing::warn!(
@@ -262,11 +267,12 @@ fn spawn_cilium_observer(opts: &crate::cilium::CiliumOptions, poke: Arc<tokio::s
 /// judging while Cilium recovers and, when it is ready again, re-checks everything with the
 /// grace period starting afresh.
 async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, mut st: CiliumAgentState) {
-    if let Some(why) = st.config.as_ref().and_then(AgentConfig::crd_mode) {
-        // Not checkable from the kvstore: hold judging and say why.
+    // An agent without a kvstore is not checkable from it: hold judging and say why.
+    let crd_mode = st.config.as_ref().and_then(AgentConfig::crd_mode);
+    let judge = st.state.judge() && crd_mode.is_none();
+    if let Some(why) = crd_mode {
         st.reason = why;
     }
-    let judge = st.state.judge() && st.config.as_ref().and_then(AgentConfig::crd_mode).is_none();
     let first = state.cilium.is_none();
     let changed = state.cilium.as_ref().is_none_or(|old| old.state != st.state || old.started_at != st.started_at || old.reason != st.reason);
     if changed {
@@ -289,7 +295,7 @@ async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, mut st: Cil
         // both sides and re-checks all). The maps followed while it restored may be the old
         // ones its programs have now left: then start over with the maps in use.
         tracing::info!(event = "judging-resumed", "the Cilium agent is ready: re-checking everything");
-        let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+        let agent_config = state.agent_config();
         match refresh(&state.opts, l, true, agent_config.as_ref()).await {
             Ok(()) => evaluate(state, l),
             Err(e) => {
@@ -342,7 +348,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     loop {
         // (Re)build the live sources when missing: etcd down at start, Cilium restarting...
         if live.is_none() && Instant::now() >= retry_at {
-            let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+            let agent_config = state.agent_config();
             match start_live(&opts, agent_config.as_ref()).await {
                 Ok(mut l) => {
                     state.health = Some(l.check.reading().health.clone());
@@ -454,7 +460,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let recheck_due = dirty_since.is_some_and(|d| now >= d + opts.debounce);
             if resync_due || recheck_due || l.check.needs_reread() {
                 dirty_since = None;
-                let agent_config = state.cilium.as_ref().and_then(|c| c.config.clone());
+                let agent_config = state.agent_config();
                 if let Err(e) = refresh(&opts, l, resync_due, agent_config.as_ref()).await {
                     state.last_error = Some(e.to_string());
                     live = None;

@@ -99,7 +99,7 @@ pub struct ExpectedState {
 /// so do local endpoints whose global identities have no `id/` key while this node holds no
 /// `value/` reference key at all (an agent allocating in the kvstore writes both for every
 /// identity it uses): reported once, never as one `identity-missing` per identity.
-pub fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
+fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
     let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
     match cfg.identities_in_kvstore() {
         Some(true) => None,

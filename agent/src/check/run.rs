@@ -164,11 +164,12 @@ pub struct IdentitiesSource {
     pub reason: Option<String>,
 }
 
-impl IdentitiesSource {
-    pub fn of(snap: &KvstoreSnapshot, cfg: &DatapathConfig, own: Option<&crate::kvstore::values::NodeEntry>) -> IdentitiesSource {
-        let reason = expected::identities_not_checked(snap, cfg, own);
-        IdentitiesSource { checked: reason.is_none(), mode: cfg.identity_allocation_mode.clone(), reason }
-    }
+/// What the expected state could not know: the guesses it made, and whether identities were
+/// checked.
+#[derive(Clone, Debug, Default)]
+pub struct Notes {
+    pub assumptions: Vec<String>,
+    pub identities: IdentitiesSource,
 }
 
 /// The JSON document of `kvcheck check` (schema in the README).
@@ -239,10 +240,12 @@ pub fn context(node_name: &str, cluster: &str, cfg: DatapathConfig, r: &Reading)
 }
 
 /// Derives and diffs one reading.
-pub fn evaluate(ctx: &NodeContext, r: &Reading) -> (Vec<Finding>, Vec<String>) {
+pub fn evaluate(ctx: &NodeContext, r: &Reading) -> (Vec<Finding>, Notes) {
     let exp = expected::derive(&r.kvstore, ctx);
     let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
-    (diff::diff(&exp, ctx, &obs), exp.assumptions)
+    let findings = diff::diff(&exp, ctx, &obs);
+    let identities = IdentitiesSource { checked: exp.identities_not_checked.is_none(), mode: ctx.config.identity_allocation_mode.clone(), reason: exp.identities_not_checked };
+    (findings, Notes { assumptions: exp.assumptions, identities })
 }
 
 /// Re-reads `keys` from etcd into the snapshot (values that changed, appeared or vanished).
@@ -286,8 +289,8 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
             if !same && !after.state.judge() {
                 return Ok(not_judged(opts, after, started.elapsed()).await);
             }
-            let Pass { reading, findings, assumptions, settle, hold_off, first_revision, config, .. } = pass;
-            return Ok(report(opts, after, reading, findings, assumptions, settle, hold_off, first_revision, config, started.elapsed()));
+            let Pass { reading, findings, notes, settle, hold_off, first_revision, config, .. } = pass;
+            return Ok(report(opts, after, reading, findings, notes, settle, hold_off, first_revision, config, started.elapsed()));
         }
         tracing::warn!(before = %before.summary(), after = %after.summary(), "the Cilium agent or its map pins changed during the check; checking again");
     }
@@ -368,7 +371,7 @@ async fn not_judged(opts: &CheckOptions, cilium: CiliumAgentState, took: Duratio
 struct Pass {
     reading: Reading,
     findings: Vec<Finding>,
-    assumptions: Vec<String>,
+    notes: Notes,
     settle: SettleInfo,
     hold_off: HoldOffInfo,
     /// The latest hold-off end among the held nodes that explain findings.
@@ -387,7 +390,7 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
     let (dp, host) = read_datapath(&opts.datapath).await?;
     let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at: chrono::Utc::now(), kvstore_read_at };
     let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
-    let (mut findings, assumptions) = evaluate(&ctx, &reading);
+    let (mut findings, notes) = evaluate(&ctx, &reading);
     let first_revision = reading.kvstore.revision;
 
     // Entries of a node deleted less than the hold-off ago are Cilium's, not drift.
@@ -431,7 +434,7 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
         settle.reread_revision = Some(rev);
         settle.reread_at = Some(reading.kvstore_read_at.to_rfc3339());
     }
-    Ok(Pass { reading, findings, assumptions, settle, hold_off, held_until, first_revision, first_read_at: kvstore_read_at, config: cfg })
+    Ok(Pass { reading, findings, notes, settle, hold_off, held_until, first_revision, first_read_at: kvstore_read_at, config: cfg })
 }
 
 #[allow(clippy::too_many_arguments, reason = "assembles the report from the check's parts")]
@@ -440,7 +443,7 @@ fn report(
     cilium: CiliumAgentState,
     r: Reading,
     findings: Vec<Finding>,
-    assumptions: Vec<String>,
+    notes: Notes,
     settle: SettleInfo,
     hold_off: HoldOffInfo,
     revision: i64,
@@ -469,7 +472,7 @@ fn report(
         findings,
         sources: Sources {
             cilium,
-            identities: IdentitiesSource::of(&r.kvstore, &config, r.kvstore.nodes.iter().find(|n| n.name == opts.node_name && n.cluster == opts.cluster)),
+            identities: notes.identities,
             datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {
                 status: r.health.status_line(),
@@ -478,7 +481,7 @@ fn report(
                 keys: kv.nodes.len() + kv.ips.len() + kv.identities.len() + kv.identity_references.len() + kv.malformed.len(),
             },
             config,
-            assumptions,
+            assumptions: notes.assumptions,
         },
         settle,
         hold_off,
