@@ -1,12 +1,14 @@
-//! kvcheck: does this node's Cilium datapath agree with Cilium's kvstore?
+//! kvcheck: does this node's Cilium datapath agree with the cluster state Cilium keeps?
 //!
-//! Sources are read-only: `datapath` (pinned BPF maps, rtnetlink) and, later, the kvstore.
-//! `model` holds the Cilium vocabulary both sides share; `report` renders for people.
+//! Sources are read-only: `datapath` (pinned BPF maps, rtnetlink), `kvstore` (etcd), `k8s`
+//! (Cilium's custom resources, in CRD mode) and `cilium` (the agent's own API). `model` holds
+//! the Cilium vocabulary they share; `check` derives and diffs; `report` renders for people.
 
 pub mod agent;
 pub mod check;
 pub mod cilium;
 pub mod datapath;
+pub mod k8s;
 pub mod kvstore;
 pub mod model;
 pub mod options;

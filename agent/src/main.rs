@@ -71,8 +71,9 @@ struct AgentArgs {
     poll_interval: std::time::Duration,
 }
 
+/// Where Cilium keeps a kind of state: etcd, or Kubernetes objects.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum IdentitySource {
+enum SourceArg {
     Kvstore,
     Crd,
 }
@@ -114,10 +115,22 @@ struct CheckArgs {
     #[arg(long, value_enum)]
     remote_node_identity: Option<OnOff>,
     /// Where Cilium allocates identities (its `identity-allocation-mode`): `kvstore` checks them
-    /// against cilium/state/identities/v1/id/, `crd` (CiliumIdentity objects) does not check
-    /// them. Default: from the Cilium agent's API, else its ConfigMap (--cilium-config-map).
+    /// against cilium/state/identities/v1/id/, `crd` against CiliumIdentity objects (through
+    /// the Kubernetes API; without one they are not checked). Default: from the Cilium agent's
+    /// API, else its ConfigMap (--cilium-config-map).
     #[arg(long, value_enum)]
-    identity_source: Option<IdentitySource>,
+    identity_source: Option<SourceArg>,
+    /// Where Cilium keeps nodes and pod IPs (its `kvstore` setting): `kvstore` (etcd) or `crd`
+    /// (CiliumNode and CiliumEndpoint objects: CRD mode, Cilium's default install). Default:
+    /// from the Cilium agent's API, else its ConfigMap, else the kvstore.
+    #[arg(long, value_enum)]
+    endpoint_source: Option<SourceArg>,
+    /// CRD mode: pod IPs from CiliumEndpointSlices (on) or CiliumEndpoints (off). Default: the
+    /// agent's `enable-cilium-endpoint-slice`.
+    #[arg(long, value_enum)]
+    endpoint_slices: Option<OnOff>,
+    #[command(flatten)]
+    kube: KubeArgs,
     /// Cilium's ConfigMap cilium-config as mounted: a directory, one file per key.
     #[arg(long, env = "KVCHECK_CILIUM_CONFIG_MAP", default_value = kvcheck::check::config::DEFAULT_CONFIG_MAP_DIR)]
     cilium_config_map: PathBuf,
@@ -131,6 +144,30 @@ struct CheckArgs {
     cilium: CiliumArgs,
     #[arg(long, short, value_enum, default_value = "table")]
     output: Output,
+}
+
+#[derive(Args)]
+struct KubeArgs {
+    /// The Kubernetes API, where Cilium keeps its state in CRD mode (and its identities with
+    /// identity-allocation-mode crd): `auto` uses it when a kubeconfig or the pod's
+    /// ServiceAccount is there. Read-only: get/list/watch.
+    #[arg(long, value_enum, default_value = "auto")]
+    kubernetes: kvcheck::k8s::client::KubernetesAccess,
+    /// kubeconfig file; default: the pod's ServiceAccount (in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Objects per Kubernetes list request.
+    #[arg(long, default_value_t = i64::from(kvcheck::k8s::client::DEFAULT_PAGE_SIZE), value_parser = kvcheck::options::integer_in(1, 100_000))]
+    kube_page_size: i64,
+    /// Bound on each Kubernetes API request, in seconds (0.1 to 300).
+    #[arg(long, default_value = "10", value_parser = kvcheck::options::seconds_in(0.1, 300.0))]
+    kube_timeout: Duration,
+}
+
+impl KubeArgs {
+    fn options(&self) -> kvcheck::k8s::client::KubeOptions {
+        kvcheck::k8s::client::KubeOptions { access: self.kubernetes.clone(), kubeconfig: self.kubeconfig.clone(), page_size: u32::try_from(self.kube_page_size).unwrap_or(kvcheck::k8s::client::DEFAULT_PAGE_SIZE), timeout: self.kube_timeout }
+    }
 }
 
 #[derive(Args)]
@@ -410,9 +447,12 @@ impl CheckArgs {
             remote_node_identity: on_off(args.remote_node_identity),
             tunnel: on_off(args.tunnel),
             encryption: on_off(args.encryption),
-            identity_allocation_mode: args.identity_source.map(|s| if s == IdentitySource::Kvstore { "kvstore" } else { "crd" }.to_owned()),
+            identity_allocation_mode: args.identity_source.map(|s| if s == SourceArg::Kvstore { "kvstore" } else { "crd" }.to_owned()),
+            kvstore: args.endpoint_source.map(|s| if s == SourceArg::Kvstore { "etcd" } else { "" }.to_owned()),
+            endpoint_slices: on_off(args.endpoint_slices),
             ..Default::default()
         },
+        kube: args.kube.options(),
         config_map_dir: args.cilium_config_map.clone(),
         settle: args.settle,
         hold_off: args.node_delete_hold_off,

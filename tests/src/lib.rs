@@ -8,6 +8,7 @@ pub mod churn;
 pub mod ciliumapi;
 pub mod encode;
 pub mod etcd;
+pub mod k8sapi;
 pub mod maps;
 pub mod netns;
 pub mod progs;
@@ -15,6 +16,7 @@ pub mod sample;
 pub mod simcluster;
 pub mod simdata;
 pub mod simnode;
+pub mod simobjects;
 pub mod tracepoint;
 
 use std::path::PathBuf;

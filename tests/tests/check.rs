@@ -332,6 +332,8 @@ fn each_finding_kind_from_one_injected_drift() {
     // datapath-map-mismatch needs BPF programs attached to the node's interfaces: its cases are
     // in tests/tests/livemaps.rs.
     covered.insert("datapath-map-mismatch");
+    // The CiliumEndpoint kinds exist in CRD mode only: tests/tests/k8s.rs.
+    covered.extend(["endpoint-node-unknown", "endpoint-ip-conflict"]);
 
     let all: BTreeSet<&str> = kvcheck::check::kinds::FindingKind::ALL.iter().map(|k| k.name()).collect();
     assert_eq!(covered, all, "kinds without an end-to-end test");

@@ -83,12 +83,13 @@ fn identities_kept_as_crds_are_a_mode_not_a_flood_of_findings() {
     let out = node.check(&["--settle", "0", "--cilium-socket", crd.socket_str()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("runs without a kvstore (CRD mode"), "{stderr}");
+    assert!(stderr.contains("Cilium runs in CRD mode (no kvstore; from Cilium API /v1/config)") && stderr.contains("no Kubernetes API configured"), "{stderr}");
 
     // The mode from Cilium's ConfigMap as mounted (one file per key).
     let cm = api.runtime_dir.join("config-map");
     std::fs::create_dir_all(&cm).unwrap();
     std::fs::write(cm.join("identity-allocation-mode"), "crd\n").unwrap();
+    std::fs::write(cm.join("kvstore"), "etcd\n").unwrap();
     let (code, doc) = check(&node, &["--cilium-config-map", cm.to_str().unwrap()]);
     assert_eq!((code, doc["sources"]["identities"]["mode"].as_str()), (Some(0), Some("crd")), "{doc:#}");
     assert!(doc["sources"]["identities"]["reason"].as_str().unwrap().contains("config-map/identity-allocation-mode"), "{doc:#}");

@@ -24,6 +24,11 @@ pub struct DatapathConfig {
     /// Cilium's `identity-allocation-mode`: `kvstore`, `crd`, or (v1.17+) `doublewrite-readkvstore`
     /// / `doublewrite-readcrd`: where the identities the datapath uses are kept.
     pub identity_allocation_mode: Option<String>,
+    /// Cilium's `kvstore` setting: `etcd`, or empty in CRD mode (nodes and pod IPs are then
+    /// CiliumNode and CiliumEndpoint objects).
+    pub kvstore: Option<String>,
+    /// `enable-cilium-endpoint-slice`: pod IPs from CiliumEndpointSlices instead of CEPs.
+    pub endpoint_slices: Option<bool>,
     /// Where the settings came from.
     pub sources: Vec<String>,
 }
@@ -46,25 +51,58 @@ impl DatapathConfig {
         if self.identity_allocation_mode.is_none() {
             self.identity_allocation_mode.clone_from(&agent.identity_allocation_mode);
         }
+        if self.kvstore.is_none() {
+            self.kvstore.clone_from(&agent.kvstore);
+        }
+        self.endpoint_slices = self.endpoint_slices.or(agent.enable_cilium_endpoint_slice);
         if *self != before {
             self.sources.push("Cilium API /v1/config".to_owned());
         }
     }
 
-    /// Fills `identity-allocation-mode` from the cilium-config ConfigMap directory when still
-    /// unknown (a missing directory or key changes nothing).
+    /// Whether Cilium runs without a kvstore (CRD mode); `None`: not known.
+    pub fn crd_mode(&self) -> Option<bool> {
+        self.kvstore.as_deref().map(str::is_empty)
+    }
+
+    /// Fills `identity-allocation-mode`, `kvstore` and `enable-cilium-endpoint-slice` from the
+    /// cilium-config ConfigMap directory where still unknown (a missing directory or key
+    /// changes nothing). Helm renders `kvstore` only with etcd, so a ConfigMap that has
+    /// `identity-allocation-mode` but no `kvstore` key is CRD mode.
     pub fn fill_from_config_map(&mut self, dir: &Path) {
-        if self.identity_allocation_mode.is_some() {
-            return;
+        let read = |key: &str| -> Option<(String, String)> {
+            let path = dir.join(key);
+            let v = std::fs::read_to_string(&path).ok()?;
+            Some((v.trim().to_owned(), path.display().to_string()))
+        };
+        let mut used = Vec::new();
+        let mode = read("identity-allocation-mode").filter(|(v, _)| !v.is_empty());
+        if self.identity_allocation_mode.is_none()
+            && let Some((v, path)) = &mode
+        {
+            self.identity_allocation_mode = Some(v.clone());
+            used.push(path.clone());
         }
-        let path = dir.join("identity-allocation-mode");
-        if let Ok(v) = std::fs::read_to_string(&path) {
-            let v = v.trim();
-            if !v.is_empty() {
-                self.identity_allocation_mode = Some(v.to_owned());
-                self.sources.push(path.display().to_string());
+        if self.kvstore.is_none() {
+            match read("kvstore") {
+                Some((v, path)) => {
+                    self.kvstore = Some(v);
+                    used.push(path);
+                }
+                None if mode.is_some() => {
+                    self.kvstore = Some(String::new());
+                    used.push(format!("{} (no kvstore key)", dir.display()));
+                }
+                None => {}
             }
         }
+        if self.endpoint_slices.is_none()
+            && let Some((v, path)) = read("enable-cilium-endpoint-slice")
+        {
+            self.endpoint_slices = Some(v == "true");
+            used.push(path);
+        }
+        self.sources.extend(used);
     }
 }
 
@@ -109,6 +147,8 @@ impl DatapathConfig {
             node_encryption: flag(&["ENABLE_NODE_ENCRYPTION", "ENCRYPT_NODE"]),
             host_firewall: flag(&["ENABLE_HOST_FIREWALL"]),
             identity_allocation_mode: None,
+            kvstore: None,
+            endpoint_slices: None,
             sources: vec![source.to_owned()],
         }
     }
@@ -130,10 +170,15 @@ impl DatapathConfig {
         if o.identity_allocation_mode.is_some() {
             self.identity_allocation_mode.clone_from(&o.identity_allocation_mode);
         }
-        if [o.ipv4, o.ipv6, o.tunnel, o.remote_node_identity, o.encryption, o.node_encryption, o.host_firewall]
+        if o.kvstore.is_some() {
+            self.kvstore.clone_from(&o.kvstore);
+        }
+        pick(&mut self.endpoint_slices, o.endpoint_slices);
+        if [o.ipv4, o.ipv6, o.tunnel, o.remote_node_identity, o.encryption, o.node_encryption, o.host_firewall, o.endpoint_slices]
             .iter()
             .any(Option::is_some)
             || o.identity_allocation_mode.is_some()
+            || o.kvstore.is_some()
         {
             self.sources.push("options".to_owned());
         }

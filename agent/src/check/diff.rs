@@ -18,6 +18,7 @@ use crate::kvstore::reader::KvstoreSnapshot;
 use crate::kvstore::values::{self, IpEntry, IP_PREFIX};
 use crate::kvstore::view::age_seconds;
 use crate::model::identity::{self, IdentityScope};
+use crate::model::source::StateSource;
 use crate::model::version::Layout;
 
 /// Operators' default: the operator rewrites the heartbeat every minute.
@@ -39,8 +40,12 @@ pub struct Finding {
     /// What kvcheck expected, and by which rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected: Option<Value>,
-    /// Kvstore keys this finding is about (re-read when settling).
+    /// Kvstore keys (or Kubernetes objects) this finding is about (re-read when settling).
     pub kvstore_keys: Vec<String>,
+    /// Where its cluster-state evidence came from: `kvstore` (etcd keys), `kubernetes`
+    /// (objects, named in `kvstore_keys` as `CiliumEndpoint default/pod-a`), or `null` (the
+    /// datapath alone).
+    pub source: Option<StateSource>,
 }
 
 impl Finding {
@@ -54,6 +59,7 @@ impl Finding {
             kvstore: None,
             expected: None,
             kvstore_keys: Vec::new(),
+            source: None,
         }
     }
 
@@ -80,6 +86,15 @@ impl Finding {
     /// (kind, subject): what identifies a finding across re-reads.
     pub fn id(&self) -> (FindingKind, String) {
         (self.kind, self.subject.clone())
+    }
+}
+
+/// How evidence names where a prefix's pod IP would be: its `ip/v1` key, or (CRD mode) the
+/// CiliumEndpoint that would carry it.
+pub fn ip_reference(kv: &KvstoreSnapshot, prefix: &IpNet) -> String {
+    match kv.origin.endpoints {
+        StateSource::Kvstore => ip_key(prefix),
+        StateSource::Kubernetes => format!("CiliumEndpoint with {}", prefix.addr()),
     }
 }
 
@@ -119,7 +134,51 @@ pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<F
     ipcache(exp, obs, &kv, &mut out);
     let used = IdentityUsers::of(obs.kvstore.ips.iter(), obs.datapath.ipcache.entries.iter());
     node_sections(exp, ctx, obs, &kv, &used, &mut out);
+    endpoint_objects(obs, &mut out);
     finish(out)
+}
+
+/// CRD mode: CiliumEndpoints Cilium cannot fix by itself. A CEP whose `networking.node` is no
+/// CiliumNode's address (its node is gone; the operator's CEP GC removes it only once the pod
+/// is), and one IP in two live CEPs (the last event won in every ipcache).
+fn endpoint_objects(obs: &Observed<'_>, out: &mut Vec<Finding>) {
+    let kv = obs.kvstore;
+    if kv.origin.endpoints != StateSource::Kubernetes {
+        return;
+    }
+    let node_ips: std::collections::HashSet<IpAddr> = kv.nodes.iter().flat_map(|n| n.addresses.iter().map(|a| a.ip)).collect();
+    let owner = |e: &IpEntry| e.metadata.clone();
+    let mut on_unknown: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    let mut by_ip: HashMap<IpNet, BTreeSet<String>> = HashMap::new();
+    for e in &kv.ips {
+        if let Some(h) = e.host_ip.filter(|h| !node_ips.contains(h)) {
+            on_unknown.entry(h).or_default().insert(owner(e));
+        }
+        by_ip.entry(e.prefix).or_default().insert(owner(e));
+    }
+    for (node, ceps) in on_unknown {
+        let shown: Vec<&String> = ceps.iter().take(IDENTITY_EVIDENCE_PREFIXES).collect();
+        out.push(
+            Finding::new(FindingKind::EndpointNodeUnknown, node.to_string(), format!("{} CiliumEndpoints ({}) are hosted by node IP {node}, which no CiliumNode has", ceps.len(), show_names(&shown, ceps.len())))
+                .kvstore(json!({"node_ip": node, "ciliumendpoints": ceps.len(), "examples": shown, "resource_versions": kv.origin.resource_versions}))
+                .keys(shown.iter().map(|c| format!("CiliumEndpoint {c}"))),
+        );
+    }
+    let mut conflicts: Vec<(IpNet, BTreeSet<String>)> = by_ip.into_iter().filter(|(_, c)| c.len() > 1).collect();
+    conflicts.sort();
+    for (ip, ceps) in conflicts {
+        let owners: Vec<&IpEntry> = kv.ips.iter().filter(|e| e.prefix == ip).collect();
+        out.push(
+            Finding::new(FindingKind::EndpointIpConflict, ip.addr().to_string(), format!("{} is in {} live CiliumEndpoints ({}); Cilium keeps whichever it saw last", ip.addr(), ceps.len(), ceps.iter().cloned().collect::<Vec<_>>().join(", ")))
+                .kvstore(json!({"ciliumendpoints": owners}))
+                .keys(ceps.iter().map(|c| format!("CiliumEndpoint {c}"))),
+        );
+    }
+}
+
+fn show_names(names: &[&String], total: usize) -> String {
+    let shown: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    if total > shown.len() { format!("{}, ...", shown.join(", ")) } else { shown.join(", ") }
 }
 
 /// How many prefixes per identity a finding names as evidence.
@@ -233,6 +292,9 @@ fn datapath_maps(obs: &Observed<'_>, out: &mut Vec<Finding>) {
 fn finish(mut out: Vec<Finding>) -> Vec<Finding> {
     let mut seen = BTreeSet::new();
     out.retain(|f| seen.insert(f.id()));
+    for f in &mut out {
+        f.source = f.kvstore_keys.first().map(|k| StateSource::of_reference(k));
+    }
     out.sort_by(|a, b| (a.severity, a.kind, &a.subject).cmp(&(b.severity, b.kind, &b.subject)));
     out
 }
@@ -279,11 +341,16 @@ fn ipcache_prefix(prefix: &IpNet, exp: Option<&Expectation>, observed: Option<&I
                     Finding::new(
                         FindingKind::IpcacheStale,
                         &subject,
-                        format!("{subject} -> identity {} via {} is in the ipcache, but no kvstore entry or local address explains it", identity::describe(o.identity), show(&o.tunnel_endpoint)),
+                        format!(
+                            "{subject} -> identity {} via {} is in the ipcache, but no {} or local address explains it",
+                            identity::describe(o.identity),
+                            show(&o.tunnel_endpoint),
+                            if obs.kvstore.origin.endpoints == StateSource::Kubernetes { "CiliumEndpoint, CiliumNode" } else { "kvstore entry" }
+                        ),
                     )
                     .datapath(o)
-                    .kvstore(json!({"key": ip_key(prefix), "value": null, "revision": obs.kvstore.revision}))
-                    .keys([ip_key(prefix)]),
+                    .kvstore(json!({"key": ip_reference(obs.kvstore, prefix), "value": null, "revision": obs.kvstore.revision}))
+                    .keys([ip_reference(obs.kvstore, prefix)]),
                 );
             }
             return;
@@ -377,12 +444,12 @@ fn endpoints(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv: &Kv
         .collect();
     for ep in &local {
         let subject = ep.ip.to_string();
-        let key = ip_key(&IpNet::from(ep.ip));
+        let key = ip_reference(kv.kv, &IpNet::from(ep.ip));
         match exp.local_ips.get(&ep.ip) {
-            // From v1.17 the health endpoint has no ip/v1 key.
-            None if health.contains(&ep.ip) && ctx.layout >= Layout::V1_17 => {}
+            // From v1.17 the health endpoint has no ip/v1 key, and never a CiliumEndpoint.
+            None if health.contains(&ep.ip) && (ctx.layout >= Layout::V1_17 || kv.kv.origin.endpoints == StateSource::Kubernetes) => {}
             None => out.push(
-                Finding::new(FindingKind::EndpointNotInKvstore, &subject, format!("local endpoint {} ({subject}) has no {key} entry hosted by this node", ep.endpoint_id))
+                Finding::new(FindingKind::EndpointNotInKvstore, &subject, format!("local endpoint {} ({subject}) has no {key} hosted by this node", ep.endpoint_id))
                     .datapath(ep)
                     .kvstore(kv.evidence(Some(&key)))
                     .keys([key]),
@@ -450,8 +517,10 @@ fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out
         if kv.identities.contains_key(&id) {
             continue;
         }
-        let key = format!("{}{id}", values::IDENTITY_ID_PREFIX);
+        let key = kv.origin.identity_reference(id);
         let (n, prefixes) = used.by_id.get(&id).cloned().unwrap_or_default();
+        // The objects (or keys) that give the identity to a pod IP.
+        let owners: BTreeSet<&str> = kv.ips.iter().filter(|e| e.identity == id).map(|e| e.meta.key.as_str()).take(IDENTITY_EVIDENCE_PREFIXES).collect();
         let local = local_ids.contains(&id);
         let users = match (local, n) {
             (true, 0) => "a local endpoint".to_owned(),
@@ -461,11 +530,12 @@ fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out
         out.push(
             Finding::new(FindingKind::IdentityMissing, id.to_string(), format!("identity {id} is used on this node by {users} but {key} does not exist"))
                 .datapath(json!({"ipcache_entries": n, "prefixes": prefixes, "local_endpoint": local}))
-                .kvstore(json!({"key": key, "value": null, "revision": kv.revision}))
+                .kvstore(json!({"key": key, "value": null, "revision": kv.revision, "used_by": owners}))
                 .keys([key]),
         );
     }
-    let Some(node) = &exp.node else { return };
+    // Reference keys exist only where identities are allocated in the kvstore.
+    let Some(node) = exp.node.as_ref().filter(|_| kv.origin.identities == StateSource::Kvstore) else { return };
     let node_ips: BTreeSet<String> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().map(|ip| ip.to_string()).collect();
     let ours: Vec<_> = kv.identity_references.iter().filter(|r| node_ips.contains(&r.node)).collect();
     for id in &local_ids {
@@ -493,7 +563,7 @@ fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out
 
 fn node(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, out: &mut Vec<Finding>) {
     let Some(node) = &exp.node else {
-        let key = format!("{}{}/{}", values::NODES_PREFIX, ctx.cluster, ctx.node_name);
+        let key = obs.kvstore.origin.node_reference(&ctx.cluster, &ctx.node_name);
         out.push(
             Finding::new(FindingKind::NodeMissing, &ctx.node_name, format!("{key} does not exist"))
                 .kvstore(json!({"key": key, "value": null, "revision": obs.kvstore.revision}))

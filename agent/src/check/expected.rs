@@ -15,6 +15,7 @@ use super::config::DatapathConfig;
 use crate::kvstore::reader::KvstoreSnapshot;
 use crate::kvstore::values::{IpEntry, NodeEntry};
 use crate::model::identity;
+use crate::model::source::StateSource;
 use crate::model::version::Layout;
 
 /// The node kvcheck runs on, and how its agent is configured.
@@ -42,7 +43,7 @@ pub struct Expectation {
     pub required: bool,
     /// The rule that produced it, e.g. `remote pod (ip/v1)`.
     pub rule: &'static str,
-    /// The kvstore key behind it, if one.
+    /// The kvstore key (or Kubernetes object) behind it, if one.
     pub kvstore_key: Option<String>,
 }
 
@@ -92,42 +93,49 @@ pub struct ExpectedState {
     pub identities_not_checked: Option<String>,
 }
 
-/// Whether the identities the datapath uses can be checked against the kvstore's
-/// `identities/v1/id/`: only where Cilium allocates them there. In CRD mode (Helm's default, also
-/// with etcd for nodes and IPs) they are CiliumIdentity objects; when the mode is not known, an
-/// empty identities prefix with global identities in use answers the question the same way, and
-/// so do local endpoints whose global identities have no `id/` key while this node holds no
-/// `value/` reference key at all (an agent allocating in the kvstore writes both for every
-/// identity it uses): reported once, never as one `identity-missing` per identity.
-fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &crate::check::config::DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
+/// Whether the identities the datapath uses can be checked: where Cilium allocates them in the
+/// kvstore against `identities/v1/id/`, where it keeps them as CiliumIdentity objects against
+/// those (when read). Otherwise why not, said once, never as one `identity-missing` per identity.
+fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &DatapathConfig, own: Option<&NodeEntry>) -> Option<String> {
+    if snap.origin.identities == StateSource::Kubernetes {
+        return None;
+    }
     let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
     match cfg.identities_in_kvstore() {
         Some(true) => None,
         Some(false) => Some(format!(
-            "identity-allocation-mode {} (from {}): Cilium keeps identities as CiliumIdentity objects in the Kubernetes API, which this kvcheck does not read; identities were not checked",
+            "identity-allocation-mode {} (from {}): Cilium keeps identities as CiliumIdentity objects in the Kubernetes API; identities were not checked: {}",
             cfg.identity_allocation_mode.as_deref().unwrap_or_default(),
-            from()
+            from(),
+            snap.origin.identities_unread.as_deref().unwrap_or("they were not read")
         )),
-        None => {
-            // Cheap tests first: this runs on every re-check of the agent.
-            let global = |id: u32| identity::scope(id) == identity::IdentityScope::Global;
-            let hint = "Cilium allocates identities as CiliumIdentity objects here (identity-allocation-mode crd, Helm's default), so they were not checked; give kvcheck Cilium's API socket or its ConfigMap, or --identity-source kvstore to check them in the kvstore anyway";
-            if snap.identities.is_empty() {
-                let in_use = snap.ips.iter().filter(|e| global(e.identity)).count();
-                return (in_use > 0).then(|| format!("cilium/state/identities/v1/id/ is empty while {in_use} ip/v1 entries use global identities: {hint}"));
-            }
-            let node = own?;
-            let ips: BTreeSet<IpAddr> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().collect();
-            if snap.identity_references.iter().any(|r| r.node.parse().is_ok_and(|ip| ips.contains(&ip))) {
-                return None;
-            }
-            // A node that merely lost its reference keys still finds its identities' id/ keys.
-            let local: BTreeSet<u32> = snap.ips.iter().filter(|e| global(e.identity) && e.host_ip.is_some_and(|h| ips.contains(&h))).map(|e| e.identity).collect();
-            (!local.is_empty() && !local.iter().any(|id| snap.identities.contains_key(id))).then(|| {
-                format!("the {} global identities of this node's endpoints have neither id/ keys nor a value/ reference from this node in cilium/state/identities/v1/: {hint}", local.len())
-            })
-        }
+        None => identities_elsewhere(snap, own).map(|why| {
+            let unread = snap.origin.identities_unread.as_deref().map(|u| format!(" ({u})")).unwrap_or_default();
+            format!("{why}: Cilium allocates identities as CiliumIdentity objects here (identity-allocation-mode crd, Helm's default), so they were not checked{unread}; give kvcheck the Kubernetes API, Cilium's API socket or its ConfigMap, or --identity-source kvstore to check them in the kvstore anyway")
+        }),
     }
+}
+
+/// With the identity mode unknown, whether the kvstore shows identities kept elsewhere (CRD
+/// identities): an empty identities prefix with global identities in use, or local endpoints
+/// whose global identities have no `id/` key while this node holds no `value/` reference key
+/// at all (an agent allocating in the kvstore writes both for every identity it uses).
+pub fn identities_elsewhere(snap: &KvstoreSnapshot, own: Option<&NodeEntry>) -> Option<String> {
+    // Cheap tests first: this runs on every re-check of the agent.
+    let global = |id: u32| identity::scope(id) == identity::IdentityScope::Global;
+    if snap.identities.is_empty() {
+        let in_use = snap.ips.iter().filter(|e| global(e.identity)).count();
+        return (in_use > 0).then(|| format!("cilium/state/identities/v1/id/ is empty while {in_use} ip/v1 entries use global identities"));
+    }
+    let node = own?;
+    let ips: BTreeSet<IpAddr> = [node.node_ip(true), node.node_ip(false)].into_iter().flatten().collect();
+    if snap.identity_references.iter().any(|r| r.node.parse().is_ok_and(|ip| ips.contains(&ip))) {
+        return None;
+    }
+    // A node that merely lost its reference keys still finds its identities' id/ keys.
+    let local: BTreeSet<u32> = snap.ips.iter().filter(|e| global(e.identity) && e.host_ip.is_some_and(|h| ips.contains(&h))).map(|e| e.identity).collect();
+    (!local.is_empty() && !local.iter().any(|id| snap.identities.contains_key(id)))
+        .then(|| format!("the {} global identities of this node's endpoints have neither id/ keys nor a value/ reference from this node in cilium/state/identities/v1/", local.len()))
 }
 
 fn set<T: Ord>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
@@ -185,7 +193,7 @@ pub fn node_addresses(snap: &KvstoreSnapshot, ctx: &NodeContext) -> BTreeSet<IpA
     }
 }
 
-fn own_node<'a>(snap: &'a KvstoreSnapshot, ctx: &NodeContext) -> Option<&'a NodeEntry> {
+pub fn own_node<'a>(snap: &'a KvstoreSnapshot, ctx: &NodeContext) -> Option<&'a NodeEntry> {
     snap.nodes.iter().find(|n| n.name == ctx.node_name && n.cluster == ctx.cluster)
 }
 
@@ -193,6 +201,13 @@ fn own_node<'a>(snap: &'a KvstoreSnapshot, ctx: &NodeContext) -> Option<&'a Node
 struct Builder<'w> {
     exp: ExpectedState,
     wanted: &'w dyn Fn(&IpNet) -> bool,
+    /// Nodes and pod IPs are CiliumNode / CiliumEndpoint objects (CRD mode).
+    from_objects: bool,
+}
+
+/// A rule's name, saying where its input came from: the kvstore's name or the object's.
+fn named(from_objects: bool, kvstore: &'static str, objects: &'static str) -> &'static str {
+    if from_objects { objects } else { kvstore }
 }
 
 impl Builder<'_> {
@@ -204,7 +219,7 @@ impl Builder<'_> {
 }
 
 fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
-    let mut b = Builder { exp: ExpectedState::default(), wanted };
+    let mut b = Builder { exp: ExpectedState::default(), wanted, from_objects: snap.origin.endpoints == StateSource::Kubernetes };
     let node = own_node(snap, ctx).cloned();
     b.exp.identities_not_checked = identities_not_checked(snap, &ctx.config, node.as_ref());
     let families = families(ctx, node.as_ref(), &mut b.exp.assumptions);
@@ -315,6 +330,7 @@ fn world(b: &mut Builder<'_>, ctx: &NodeContext, families: Families) {
 /// Rules 2, 3 and 3b: this node's own addresses (identity host, no tunnel; endpoint-map host
 /// entries) and its health IP; every local interface address may be a host entry.
 fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry>, families: Families) {
+    let objects = b.from_objects;
     let cfg = &ctx.config;
     if let Some(n) = node {
         for a in &n.addresses {
@@ -324,7 +340,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
                 tunnel_endpoints: set([None]),
                 encrypt_keys: keys_for(cfg, n.encryption_key),
                 required: true,
-                rule: "this node's address (nodes/v1)",
+                rule: named(objects, "this node's address (nodes/v1)", "this node's address (CiliumNode)"),
                 kvstore_key: Some(n.meta.key.clone()),
             });
             if ctx.local_addresses.contains(&a.ip) {
@@ -338,7 +354,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
                     tunnel_endpoints: set([None]),
                     encrypt_keys: None,
                     required: true,
-                    rule: "this node's health endpoint (nodes/v1)",
+                    rule: named(objects, "this node's health endpoint (nodes/v1)", "this node's health endpoint (CiliumNode)"),
                     kvstore_key: Some(n.meta.key.clone()),
                 });
             }
@@ -363,6 +379,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
 /// Rules 4 and 5: an `ip/v1` entry is a local pod when its HostIP is this node's (no tunnel;
 /// it must be a local endpoint), else a remote pod behind its HostIP.
 fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BTreeSet<u32>) {
+    let objects = b.from_objects;
     let hosted_here = e.host_ip.is_some_and(|h| b.exp.node_addresses.contains(&h));
     let mut ids = set([e.identity]);
     if e.identity == identity::HOST {
@@ -375,7 +392,12 @@ fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BT
         tunnel_endpoints: set([tunnel]),
         encrypt_keys: Some(set([e.encrypt_key])),
         required: true,
-        rule: if hosted_here { "local pod (ip/v1)" } else { "remote pod (ip/v1)" },
+        rule: match (hosted_here, objects) {
+            (true, false) => "local pod (ip/v1)",
+            (false, false) => "remote pod (ip/v1)",
+            (true, true) => "local pod (CiliumEndpoint)",
+            (false, true) => "remote pod (CiliumEndpoint)",
+        },
         kvstore_key: Some(e.meta.key.clone()),
     });
     if hosted_here && e.prefix.prefix_len() == e.prefix.max_prefix_len() {
@@ -407,6 +429,7 @@ impl<'n> RemoteNode<'n> {
 /// Rule 6: other nodes' addresses: remote-node (or host) identity; the CiliumInternalIP
 /// behind the node IP, the others direct or through the tunnel.
 fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, remote_node_ids: &BTreeSet<u32>) {
+    let objects = b.from_objects;
     let (n, cfg) = (r.node, &ctx.config);
     for a in &n.addresses {
         let is_internal = a.addr_type == "CiliumInternalIP";
@@ -428,7 +451,7 @@ fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<
             encrypt_keys: keys_for(cfg, n.encryption_key),
             // v1.10-v1.12 in "legacy" mode insert only the CiliumInternalIP.
             required: r.required && (is_internal || ctx.layout >= Layout::V1_14),
-            rule: r.rule("remote node address (nodes/v1)", "deleted node's address, in Cilium's hold-off (nodes/v1)"),
+            rule: if objects { "remote node address (CiliumNode)" } else { r.rule("remote node address (nodes/v1)", "deleted node's address, in Cilium's hold-off (nodes/v1)") },
             kvstore_key: Some(n.meta.key.clone()),
         });
     }
@@ -437,13 +460,14 @@ fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<
 /// Rules 7 and 8: other nodes' health IPs (identity health) and ingress IPs (identity
 /// ingress), behind the node IP.
 fn remote_health_and_ingress(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>) {
+    let objects = b.from_objects;
     let n = r.node;
     let mut keys = set([0, n.encryption_key]);
     if ctx.layout >= Layout::V1_15 {
         keys.insert(255); // WireGuard
     }
-    let health = r.rule("remote health endpoint (nodes/v1)", "deleted node's health endpoint, in Cilium's hold-off (nodes/v1)");
-    let ingress = r.rule("remote ingress IP (nodes/v1)", "deleted node's ingress IP, in Cilium's hold-off (nodes/v1)");
+    let health = if objects { "remote health endpoint (CiliumNode)" } else { r.rule("remote health endpoint (nodes/v1)", "deleted node's health endpoint, in Cilium's hold-off (nodes/v1)") };
+    let ingress = if objects { "remote ingress IP (CiliumNode)" } else { r.rule("remote ingress IP (nodes/v1)", "deleted node's ingress IP, in Cilium's hold-off (nodes/v1)") };
     for (ip, id, rule) in [
         (n.ipv4_health_ip, identity::HEALTH, health),
         (n.ipv6_health_ip, identity::HEALTH, health),
@@ -464,6 +488,7 @@ fn remote_health_and_ingress(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteN
 
 /// Rule 9 (v1.18+): other nodes' pod CIDRs map to world behind the node IP.
 fn remote_pod_cidrs(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, families: Families) {
+    let objects = b.from_objects;
     if !ctx.layout.ipcache_v2() {
         return;
     }
@@ -475,7 +500,7 @@ fn remote_pod_cidrs(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, 
             tunnel_endpoints: set([r.underlay]),
             encrypt_keys: keys_for(&ctx.config, n.encryption_key),
             required: r.required,
-            rule: r.rule("remote pod CIDR (nodes/v1, v1.18+)", "deleted node's pod CIDR, in Cilium's hold-off (nodes/v1, v1.18+)"),
+            rule: if objects { "remote pod CIDR (CiliumNode, v1.18+)" } else { r.rule("remote pod CIDR (nodes/v1, v1.18+)", "deleted node's pod CIDR, in Cilium's hold-off (nodes/v1, v1.18+)") },
             kvstore_key: Some(n.meta.key.clone()),
         });
     }

@@ -180,7 +180,7 @@ fn world(pods: &[Vec<u8>], layout: Layout) -> World {
         node_name: "node-1".into(),
         cluster: "default".into(),
         layout,
-        config: DatapathConfig { ipv4: Some(true), ipv6: Some(false), tunnel: Some(true), remote_node_identity: Some(true), encryption: Some(false), node_encryption: Some(false), host_firewall: Some(false), identity_allocation_mode: None, sources: vec![] },
+        config: DatapathConfig { ipv4: Some(true), ipv6: Some(false), tunnel: Some(true), remote_node_identity: Some(true), encryption: Some(false), node_encryption: Some(false), host_firewall: Some(false), identity_allocation_mode: None, kvstore: None, endpoint_slices: None, sources: vec![] },
         local_addresses: [this_ip, v4(10, 1, 0, 1)].into_iter().collect(),
         tunnel_map_in_use: true,
     };

@@ -20,6 +20,8 @@ use crate::kvstore::config::EtcdSettings;
 use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history::{self, HeldNode};
 use crate::kvstore::reader::{self, KvstoreSnapshot, ListOptions};
+use crate::k8s::client::{K8sError, KubeOptions};
+use crate::model::source::StateSource;
 
 #[derive(Clone, Debug)]
 pub struct CheckOptions {
@@ -44,6 +46,8 @@ pub struct CheckOptions {
     pub hold_off_wait: bool,
     /// The Cilium agent's API, and how long to wait for it to be ready.
     pub cilium: CiliumOptions,
+    /// The Kubernetes API (CRD mode, CRD identities).
+    pub kube: KubeOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum CheckError {
     Datapath(#[from] datapath::DatapathError),
     #[error(transparent)]
     Kvstore(#[from] crate::kvstore::client::KvstoreError),
+    #[error(transparent)]
+    Kubernetes(#[from] K8sError),
     #[error("reading Cilium's node_config.h under {path}: {source}")]
     NodeConfig {
         path: PathBuf,
@@ -147,6 +153,10 @@ impl HeldNodeInfo {
 pub struct Sources {
     /// The Cilium agent: ready, or why its datapath was not judged.
     pub cilium: CiliumAgentState,
+    /// Where nodes and pod IPs were read: `kvstore`, or `kubernetes` (CRD mode).
+    pub endpoints: StateSource,
+    /// The Kubernetes API, when read (CRD mode, CRD identities).
+    pub kubernetes: Option<KubernetesSource>,
     /// Where the identities the datapath uses were checked, or why not.
     pub identities: IdentitiesSource,
     /// `None` when the datapath was not read (the Cilium agent was not ready).
@@ -156,9 +166,21 @@ pub struct Sources {
     pub assumptions: Vec<String>,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct KubernetesSource {
+    /// How it was reached: `kubeconfig <path>` or `in-cluster ServiceAccount`.
+    pub api: String,
+    /// Each list's resource (plural) → the resourceVersion it was served at.
+    pub resource_versions: std::collections::BTreeMap<String, String>,
+    /// CiliumEndpointSlices were read instead of CiliumEndpoints.
+    pub endpoint_slices: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IdentitiesSource {
     pub checked: bool,
+    /// Where they were checked: `kvstore` or `kubernetes` (CiliumIdentity objects).
+    pub source: Option<StateSource>,
     /// `identity-allocation-mode` as known (`null`: not known).
     pub mode: Option<String>,
     pub reason: Option<String>,
@@ -244,9 +266,130 @@ pub fn evaluate(ctx: &NodeContext, r: &Reading) -> (Vec<Finding>, Notes) {
     let exp = expected::derive(&r.kvstore, ctx);
     let obs = Observed { datapath: &r.datapath, host: &r.host, kvstore: &r.kvstore, now: r.kvstore_read_at };
     let findings = diff::diff(&exp, ctx, &obs);
-    let identities = IdentitiesSource { checked: exp.identities_not_checked.is_none(), mode: ctx.config.identity_allocation_mode.clone(), reason: exp.identities_not_checked };
+    let checked = exp.identities_not_checked.is_none();
+    let identities = IdentitiesSource { checked, source: checked.then_some(r.kvstore.origin.identities), mode: ctx.config.identity_allocation_mode.clone(), reason: exp.identities_not_checked };
     (findings, Notes { assumptions: exp.assumptions, identities })
 }
+
+/// Where one check reads Cilium's cluster state, kind by kind, as the agent's configuration
+/// says: nodes and pod IPs from etcd or (CRD mode) CiliumNodes and CiliumEndpoints(Slices),
+/// identities from etcd or CiliumIdentities.
+struct StateReader {
+    etcd: Option<Etcd>,
+    kube: Option<kube::Client>,
+    /// How the Kubernetes API is reached, or why it is not.
+    kube_access: Result<String, String>,
+    crd_mode: bool,
+    slices: bool,
+    /// Identities in the kvstore (`Some(true)`), as objects (`Some(false)`), or not known.
+    identities_in_kvstore: Option<bool>,
+    cluster_id: u32,
+}
+
+impl StateReader {
+    async fn connect(opts: &CheckOptions, cfg: &DatapathConfig, agent: Option<&crate::cilium::state::AgentConfig>) -> Result<(StateReader, ClusterHealth), CheckError> {
+        let crd_mode = cfg.crd_mode() == Some(true);
+        let identities_in_kvstore = if crd_mode { Some(false) } else { cfg.identities_in_kvstore() };
+        let (kube, kube_access) = if identities_in_kvstore == Some(true) {
+            (None, Err("not needed".to_owned()))
+        } else {
+            match crate::k8s::client::connect(&opts.kube).await {
+                Ok(Some(c)) => (Some(c), Ok(crate::k8s::client::configured(&opts.kube).unwrap_or_default())),
+                Ok(None) => (None, Err("no Kubernetes API configured: --kubeconfig / KUBECONFIG, or the pod's ServiceAccount".to_owned())),
+                Err(e) => (None, Err(e.to_string())),
+            }
+        };
+        if crd_mode && kube.is_none() {
+            let why = kube_access.as_ref().err().cloned().unwrap_or_default();
+            return Err(CheckError::Unsupported(format!(
+                "Cilium runs in CRD mode (no kvstore; from {}): nodes and pod IPs are CiliumNode and CiliumEndpoint objects, and {why}",
+                cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).map_or("options", String::as_str)
+            )));
+        }
+        let (etcd, health) = if crd_mode {
+            (None, ClusterHealth::default())
+        } else {
+            let (etcd, health) = health::connect_healthy(&opts.etcd, opts.etcd_timeout).await?;
+            (Some(etcd), health)
+        };
+        let reader = StateReader {
+            etcd,
+            kube,
+            kube_access,
+            crd_mode,
+            slices: cfg.endpoint_slices.unwrap_or(false),
+            identities_in_kvstore,
+            cluster_id: agent.and_then(|a| a.cluster_id).unwrap_or(0),
+        };
+        Ok((reader, health))
+    }
+
+    async fn read(&self, opts: &CheckOptions) -> Result<KvstoreSnapshot, CheckError> {
+        let mut snap = match &self.etcd {
+            Some(etcd) => reader::read_snapshot(etcd, &opts.list).await?,
+            None => KvstoreSnapshot::default(),
+        };
+        if let (true, Some(kube)) = (self.crd_mode, &self.kube) {
+            crate::k8s::reader::read_endpoints(kube, &opts.kube, &opts.cluster, self.cluster_id, self.slices, &mut snap).await?;
+        }
+        self.read_identities(opts, &mut snap).await;
+        Ok(snap)
+    }
+
+    /// Identities from CiliumIdentity objects where Cilium keeps them there (or, the mode not
+    /// known, where the kvstore shows they are not in it). Not read: the reason is kept and
+    /// the identities are reported as not checked, never as missing.
+    async fn read_identities(&self, opts: &CheckOptions, snap: &mut KvstoreSnapshot) {
+        let elsewhere = || {
+            let own = snap.nodes.iter().find(|n| n.name == opts.node_name && n.cluster == opts.cluster);
+            expected::identities_elsewhere(snap, own).is_some()
+        };
+        let from_objects = match self.identities_in_kvstore {
+            Some(in_kvstore) => !in_kvstore,
+            None => elsewhere(),
+        };
+        if !from_objects {
+            return;
+        }
+        let result = match &self.kube {
+            Some(kube) => crate::k8s::reader::read_identities(kube, &opts.kube, snap).await.map_err(|e| e.to_string()),
+            None => Err(self.kube_access.clone().err().unwrap_or_default()),
+        };
+        if let Err(why) = result {
+            tracing::warn!(reason = %why, "identities kept as CiliumIdentity objects were not read");
+            snap.origin.identities_unread = Some(why);
+        }
+    }
+
+    /// Re-reads what `keys` name: etcd keys one by one, Kubernetes objects by listing their
+    /// kind again.
+    async fn reread(&self, opts: &CheckOptions, snap: &mut KvstoreSnapshot, keys: &BTreeSet<String>) -> Result<Option<i64>, CheckError> {
+        let (kvstore, objects): (BTreeSet<String>, BTreeSet<String>) = keys.iter().cloned().partition(|k| StateSource::of_reference(k) == StateSource::Kvstore);
+        let mut revision = None;
+        if let Some(etcd) = &self.etcd {
+            revision = Some(reread_keys(etcd, snap, &kvstore).await?);
+        }
+        if let Some(kube) = &self.kube {
+            if self.crd_mode && objects.iter().any(|k| !k.starts_with("CiliumIdentity ")) {
+                crate::k8s::reader::read_endpoints(kube, &opts.kube, &opts.cluster, self.cluster_id, self.slices, snap).await?;
+            }
+            if snap.origin.identities == StateSource::Kubernetes && objects.iter().any(|k| k.starts_with("CiliumIdentity ")) {
+                crate::k8s::reader::read_identities(kube, &opts.kube, snap).await?;
+            }
+        }
+        Ok(revision)
+    }
+
+    fn kubernetes_source(&self, snap: &KvstoreSnapshot) -> Option<KubernetesSource> {
+        let api = self.kube_access.clone().ok().filter(|_| !snap.origin.resource_versions.is_empty())?;
+        Some(KubernetesSource { api, resource_versions: snap.origin.resource_versions.clone(), endpoint_slices: snap.origin.endpoint_slices })
+    }
+}
+
+/// Cilium writes a pod's CiliumEndpoint up to 10 s after the pod's datapath (its endpoint
+/// sync controller), and a changed identity after a 5 s grace: a finding on Kubernetes objects
+/// is re-read after at least this long (unless settling is off).
+const KUBERNETES_SETTLE: Duration = Duration::from_secs(12);
 
 /// Re-reads `keys` from etcd into the snapshot (values that changed, appeared or vanished).
 pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSet<String>) -> Result<i64, CheckError> {
@@ -276,9 +419,6 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         if !before.state.judge() {
             return Ok(not_judged(opts, before, started.elapsed()).await);
         }
-        if let Some(why) = before.config.as_ref().and_then(crate::cilium::state::AgentConfig::crd_mode) {
-            return Err(CheckError::Unsupported(why));
-        }
         let pass = check_pass(opts, before.config.as_ref()).await?;
         // A restart that began while kvcheck read would show as drift: look again, and check
         // afresh when the agent or its map pins changed meanwhile.
@@ -289,8 +429,7 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
             if !same && !after.state.judge() {
                 return Ok(not_judged(opts, after, started.elapsed()).await);
             }
-            let Pass { reading, findings, notes, settle, hold_off, first_revision, config, .. } = pass;
-            return Ok(report(opts, after, reading, findings, notes, settle, hold_off, first_revision, config, started.elapsed()));
+            return Ok(report(opts, after, pass, started.elapsed()));
         }
         tracing::warn!(before = %before.summary(), after = %after.summary(), "the Cilium agent or its map pins changed during the check; checking again");
     }
@@ -355,6 +494,8 @@ async fn not_judged(opts: &CheckOptions, cilium: CiliumAgentState, took: Duratio
         findings: Vec::new(),
         sources: Sources {
             cilium,
+            endpoints: StateSource::Kvstore,
+            kubernetes: None,
             identities: IdentitiesSource::default(),
             datapath: None,
             kvstore: KvstoreSource { status: health.status_line(), revision: health.endpoints.iter().filter_map(|e| e.revision).max().unwrap_or(0), read_at: chrono::Utc::now().to_rfc3339(), keys: 0 },
@@ -379,13 +520,14 @@ struct Pass {
     first_revision: i64,
     first_read_at: chrono::DateTime<chrono::Utc>,
     config: DatapathConfig,
+    kubernetes: Option<KubernetesSource>,
 }
 
 /// `earlier`: reads of earlier passes `(revision, time)`, which bound when a delete happened.
 async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>, earlier: &[(i64, chrono::DateTime<chrono::Utc>)]) -> Result<Pass, CheckError> {
     let cfg = node_config(opts, agent)?;
-    let (etcd, health) = health::connect_healthy(&opts.etcd, opts.etcd_timeout).await?;
-    let kvstore = reader::read_snapshot(&etcd, &opts.list).await?;
+    let (state, health) = StateReader::connect(opts, &cfg, agent).await?;
+    let kvstore = state.read(opts).await?;
     let kvstore_read_at = chrono::Utc::now();
     let (dp, host) = read_datapath(&opts.datapath).await?;
     let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at: chrono::Utc::now(), kvstore_read_at };
@@ -393,12 +535,13 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
     let (mut findings, notes) = evaluate(&ctx, &reading);
     let first_revision = reading.kvstore.revision;
 
-    // Entries of a node deleted less than the hold-off ago are Cilium's, not drift.
+    // Entries of a node deleted less than the hold-off ago are Cilium's, not drift (kvstore
+    // mode only: in CRD mode Cilium deletes a node's entries with its CiliumNode).
     let mut hold_off = HoldOffInfo { window_ms: opts.hold_off.as_millis(), ..Default::default() };
     let mut held_until = None;
     let stale = |f: &Finding| matches!(f.kind, FindingKind::IpcacheStale | FindingKind::TunnelStale);
-    if !opts.hold_off.is_zero() && findings.iter().any(stale) {
-        let held = history::recent_node_deletes(&etcd, &reading.kvstore, kvstore_read_at, chrono::Utc::now(), opts.hold_off, earlier).await?;
+    if let Some(etcd) = state.etcd.as_ref().filter(|_| !opts.hold_off.is_zero() && findings.iter().any(stale)) {
+        let held = history::recent_node_deletes(etcd, &reading.kvstore, kvstore_read_at, chrono::Utc::now(), opts.hold_off, earlier).await?;
         if !held.is_empty() {
             reading.kvstore.held_nodes = held;
             let (with_held, _) = evaluate(&ctx, &reading);
@@ -412,12 +555,15 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
 
     let mut settle = SettleInfo { window_ms: opts.settle.as_millis(), settled: Vec::new(), reread_keys: 0, reread_revision: None, reread_at: None };
     if !findings.is_empty() && !opts.settle.is_zero() {
-        tokio::time::sleep(opts.settle).await;
-        // Kvstore side: only the keys the findings name. Datapath side: the maps again (an LPM
-        // lookup cannot tell an exact entry from a covering prefix, and a batch read of a full
-        // ipcache takes ~0.25 s).
+        // Kvstore side: only the keys the findings name (Kubernetes objects: their kinds listed
+        // again). Datapath side: the maps again (an LPM lookup cannot tell an exact entry from
+        // a covering prefix, and a batch read of a full ipcache takes ~0.25 s).
         let keys: BTreeSet<String> = findings.iter().flat_map(|f| f.kvstore_keys.iter().cloned()).collect();
-        let rev = reread_keys(&etcd, &mut reading.kvstore, &keys).await?;
+        let on_objects = keys.iter().any(|k| StateSource::of_reference(k) == StateSource::Kubernetes);
+        let window = if on_objects { opts.settle.max(KUBERNETES_SETTLE) } else { opts.settle };
+        settle.window_ms = window.as_millis();
+        tokio::time::sleep(window).await;
+        let rev = state.reread(opts, &mut reading.kvstore, &keys).await?;
         reading.kvstore_read_at = chrono::Utc::now();
         let (dp, host) = read_datapath(&opts.datapath).await?;
         reading.datapath = dp;
@@ -431,26 +577,15 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
         // Keep the re-read evidence of findings that persisted.
         findings = again.into_iter().filter(|f| first.contains(&f.id())).collect();
         settle.reread_keys = keys.len();
-        settle.reread_revision = Some(rev);
+        settle.reread_revision = rev;
         settle.reread_at = Some(reading.kvstore_read_at.to_rfc3339());
     }
-    Ok(Pass { reading, findings, notes, settle, hold_off, held_until, first_revision, first_read_at: kvstore_read_at, config: cfg })
+    let kubernetes = state.kubernetes_source(&reading.kvstore);
+    Ok(Pass { reading, findings, notes, settle, hold_off, held_until, first_revision, first_read_at: kvstore_read_at, config: cfg, kubernetes })
 }
 
-#[allow(clippy::too_many_arguments, reason = "assembles the report from the check's parts")]
-fn report(
-    opts: &CheckOptions,
-    cilium: CiliumAgentState,
-    r: Reading,
-    findings: Vec<Finding>,
-    notes: Notes,
-    settle: SettleInfo,
-    hold_off: HoldOffInfo,
-    revision: i64,
-    config: DatapathConfig,
-    took: Duration,
-) -> CheckReport {
-    let mut findings = findings;
+fn report(opts: &CheckOptions, cilium: CiliumAgentState, pass: Pass, took: Duration) -> CheckReport {
+    let Pass { reading: r, mut findings, notes, settle, hold_off, first_revision: revision, config, kubernetes, .. } = pass;
     annotate_map_mismatches(&mut findings, &cilium, chrono::Utc::now());
     let mut by_kind = std::collections::BTreeMap::new();
     for f in &findings {
@@ -472,6 +607,8 @@ fn report(
         findings,
         sources: Sources {
             cilium,
+            endpoints: r.kvstore.origin.endpoints,
+            kubernetes,
             identities: notes.identities,
             datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {

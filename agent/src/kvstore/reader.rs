@@ -48,6 +48,8 @@ pub struct KvstoreSnapshot {
     /// Nodes deleted within Cilium's node-delete hold-off, whose entries the datapath may
     /// still hold (found in etcd's history by a one-shot check, or seen deleted by the agent).
     pub held_nodes: Vec<super::history::HeldNode>,
+    /// Where each kind was read (the kvstore, or Kubernetes objects decoded into this model).
+    pub origin: crate::model::source::Origin,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -20,6 +20,7 @@ pub const RESERVED: &[(u32, &str)] = &[
 
 pub const HOST: u32 = 1;
 pub const WORLD: u32 = 2;
+pub const UNMANAGED: u32 = 3;
 pub const HEALTH: u32 = 4;
 pub const REMOTE_NODE: u32 = 6;
 

@@ -1,4 +1,5 @@
 //! Cilium vocabulary shared by the datapath and kvstore sides.
 
 pub mod identity;
+pub mod source;
 pub mod version;
