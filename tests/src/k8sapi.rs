@@ -146,7 +146,8 @@ impl KubeApi {
         });
     }
 
-    /// Every list or watch from before now gets 410 Gone.
+    /// Every list or watch from before now gets 410 Gone, and open watches end (as after an
+    /// apiserver restart whose etcd compacted meanwhile).
     pub fn compact(&self) {
         self.change(|st| {
             st.compacted = st.revision;
@@ -277,6 +278,11 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
                 }
             }
             sent = st.revision;
+            // A compaction ends the watch before its bookmark: the client resumes from an
+            // older resourceVersion and gets 410 Gone.
+            if stop.load(Ordering::Relaxed) || std::time::Instant::now() >= deadline || st.compacted > from {
+                return;
+            }
             if bookmarks {
                 let b = json!({"type": "BOOKMARK", "object": {"kind": list_kind.trim_end_matches("List"), "apiVersion": group_version, "metadata": {"resourceVersion": sent.to_string()}}});
                 if writeln!(conn, "{b}").is_err() {
@@ -284,9 +290,6 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
                 }
             }
             let _ = conn.flush();
-            if stop.load(Ordering::Relaxed) || std::time::Instant::now() >= deadline || st.compacted > from {
-                return;
-            }
             st = cv.wait_timeout(st, Duration::from_secs(1)).expect("store").0;
         }
     }

@@ -25,7 +25,7 @@ fn tool(var: &str, what: &str) -> Option<PathBuf> {
 fn manifests_validate_against_the_kubernetes_schema() {
     let Some(tools) = tool("KVCHECK_TOOLS", "kubernetes-validate") else { return };
     let manifests: [(&str, &[&str]); 2] = [
-        ("deploy/kvcheck.yaml", &["serviceaccount/kvcheck", "configmap/kvcheck-config", "daemonset/kvcheck"]),
+        ("deploy/kvcheck.yaml", &["serviceaccount/kvcheck", "clusterrole/kvcheck", "clusterrolebinding/kvcheck", "configmap/kvcheck-config", "daemonset/kvcheck"]),
         ("deploy/etcd-grpc-proxy.yaml", &["deployment/kvcheck-etcd-proxy", "service/kvcheck-etcd-proxy", "configmap/kvcheck-etcd-config-via-proxy"]),
     ];
     for version in ["1.25.0", "1.30.0"] {
@@ -53,6 +53,17 @@ fn manifests_validate_against_the_kubernetes_schema() {
     for needle in ["hostNetwork: true", "mountPath: /sys/fs/bpf", "mountPath: /sys/kernel/tracing", "fieldPath: spec.nodeName", "secretName: cilium-etcd-secrets", "path: /readyz", "path: /healthz", "prometheus.io/scrape", "system-node-critical", "mountPath: /var/run/cilium\n", "value: /var/run/cilium/cilium.sock", "mountPath: /etc/cilium/config-map"] {
         assert!(yaml.contains(needle), "manifest lacks {needle}");
     }
+    // Kubernetes access is read-only and only to Cilium's four resources.
+    let docs: Vec<serde_json::Value> = yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str(d).ok()).collect();
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").expect("a ClusterRole");
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{role}");
+    assert_eq!(rules[0]["apiGroups"], serde_json::json!(["cilium.io"]));
+    assert_eq!(rules[0]["verbs"], serde_json::json!(["get", "list", "watch"]));
+    assert_eq!(rules[0]["resources"], serde_json::json!(["ciliumendpoints", "ciliumendpointslices", "ciliumnodes", "ciliumidentities"]));
+    let binding = docs.iter().find(|d| d["kind"] == "ClusterRoleBinding").expect("a ClusterRoleBinding");
+    assert_eq!((binding["roleRef"]["name"].as_str(), binding["subjects"][0]["name"].as_str()), (Some("kvcheck"), Some("kvcheck")));
+    assert!(!docs.iter().any(|d| d["kind"] == "Role" || d["kind"] == "RoleBinding"), "no other grants");
 }
 
 #[test]

@@ -178,3 +178,61 @@ fn crd_mode_is_checked_from_the_kubernetes_api() {
     assert!(stderr.contains("listing ciliumendpoints is forbidden"), "{stderr}");
     assert!(api.requests().iter().all(|(_, verb)| verb == "list"), "{:?}", api.requests());
 }
+
+#[test]
+fn agent_in_crd_mode_watches_the_kubernetes_api() {
+    if !require_root("agent_in_crd_mode_watches_the_kubernetes_api") {
+        return;
+    }
+    use kvcheck_tests::agent::Agent;
+    use std::time::Duration;
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/"]).unwrap();
+    let api = KubeApi::start();
+    simobjects::serve_cluster(&api, false, true);
+    let cm = config_map(&node, false);
+    let kubeconfig = api.kubeconfig_str();
+    let agent = Agent::start(&node, &["--cilium-config-map", &cm, "--kubeconfig", &kubeconfig, "--kube-page-size", "2"]);
+    let h = agent.wait_health("ok", "not used (CRD mode)", Duration::from_secs(10));
+    assert!(h["sources"].as_str().unwrap().contains("endpoints: kubernetes, identities: kubernetes (ciliumendpoints 4, ciliumidentities 3, ciliumnodes 2)"), "{h}");
+
+    // Drift in the datapath: found within the grace period, naming the CiliumEndpoint.
+    let via_b = IpcacheValue { identity: 1000, tunnel_endpoint: NODE_B_IP.parse().ok(), ..Default::default() };
+    agent.opens_and_resolves("ipcache-missing", "10.2.0.30/32", || node.ipcache_delete("10.2.0.30/32").unwrap(), || node.ipcache_put("10.2.0.30/32", via_b).unwrap());
+
+    // Normal pod churn: a pod's CEP and its ipcache entry arrive together, then go together.
+    for i in 0..5u32 {
+        let ip = format!("10.2.0.{}", 100 + i);
+        api.put("ciliumendpoints", simobjects::endpoint(&format!("churn-{i}"), &ip, None, 1002, 100 + i, NODE_B_IP));
+        node.ipcache_put(&format!("{ip}/32"), IpcacheValue { identity: 1002, ..via_b }).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5u32 {
+        api.delete("ciliumendpoints", &format!("shop/churn-{i}"));
+        node.ipcache_delete(&format!("10.2.0.{}/32", 100 + i)).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.opened(), vec![pair("ipcache-missing", "10.2.0.30/32")], "churn opened findings");
+
+    // A CEP deleted behind Cilium's back leaves its entry stale; the object's return resolves it.
+    let pod31 = api.requests().len();
+    agent.opens_and_resolves(
+        "ipcache-stale",
+        "10.2.0.31/32",
+        || api.delete("ciliumendpoints", "shop/pod-31"),
+        || api.put("ciliumendpoints", simobjects::endpoint("pod-31", "10.2.0.31", None, 1002, 31, NODE_B_IP)),
+    );
+    // The watch, not relists, carried that.
+    let lists_after = api.requests()[pod31..].iter().filter(|(_, v)| v == "list").count();
+    assert_eq!(lists_after, 0, "{:?}", api.requests());
+
+    // A compacted watch: the watcher relists (and stays consistent).
+    api.compact();
+    let (_, _) = agent.wait_for("kubernetes-relist", None, None, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.opened().len(), 2, "{:?}", agent.opened());
+    let metrics = kvcheck_tests::agent::http_get(agent.port, "/metrics").unwrap().1;
+    assert!(metrics.contains("kind=\"endpoints\",source=\"kubernetes\"} 1"), "{metrics}");
+    assert!(metrics.contains("resource=\"ciliumendpoints\"} 4"), "{metrics}");
+    assert!(api.requests().iter().all(|(_, verb)| verb == "list" || verb == "watch"));
+}

@@ -32,6 +32,19 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateSourceLabel {
+    /// `endpoints` (nodes and pod IPs) or `identities`.
+    pub kind: String,
+    /// `kvstore` or `kubernetes`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: String,
+}
+
 pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub findings: Family<KindLabel, Gauge>,
@@ -50,6 +63,10 @@ pub struct Metrics {
     pub cilium_agent_state: Family<StateLabel, Gauge>,
     /// 1 while findings are judged; 0 while held because the Cilium agent is recovering.
     pub judging: Gauge,
+    /// 1 for where each kind of cluster state is read from.
+    pub state_source: Family<StateSourceLabel, Gauge>,
+    /// Cilium objects held from the Kubernetes watch, per resource.
+    pub kubernetes_objects: Family<ResourceLabel, Gauge>,
     /// The Cilium agent line of /readyz's body.
     pub cilium_note: Mutex<String>,
 }
@@ -74,6 +91,8 @@ impl Metrics {
             failed: AtomicBool::new(false),
             cilium_agent_state: Family::default(),
             judging: Gauge::default(),
+            state_source: Family::default(),
+            kubernetes_objects: Family::default(),
             cilium_note: Mutex::new("cilium: not observed yet".to_owned()),
         };
         registry.register("findings", "Open findings by kind", m.findings.clone());
@@ -86,6 +105,8 @@ impl Metrics {
         registry.register("ready", "1 when the agent is ready (initial check done, etcd reachable), as /readyz", m.ready_gauge.clone());
         registry.register("datapath_maps_in_use", "Distinct maps the attached BPF programs use per Cilium map name (1 when healthy; 0 when none is attached)", m.maps_in_use.clone());
         registry.register("cilium_agent_state", "The Cilium agent's state as kvcheck sees it (1 for the current state)", m.cilium_agent_state.clone());
+        registry.register("state_source", "Where each kind of Cilium's cluster state is read (1): endpoints (nodes and pod IPs) and identities, from the kvstore or Kubernetes objects", m.state_source.clone());
+        registry.register("kubernetes_objects", "Cilium objects held from the Kubernetes watch, per resource", m.kubernetes_objects.clone());
         registry.register("judging", "1 while findings are judged; 0 while held because the Cilium agent is down, starting, unhealthy or restoring endpoints", m.judging.clone());
         *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
         Arc::new(m)

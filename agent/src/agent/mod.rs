@@ -20,8 +20,10 @@ use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::datapath::inuse::LiveMaps;
 use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history;
+use crate::k8s::watch::KubeWatcher;
 use crate::kvstore::watch::KvstoreWatcher;
-use metrics::{KindLabel, MapLabel, Metrics, SourceLabel};
+use crate::model::source::StateSource;
+use metrics::{KindLabel, MapLabel, Metrics, ResourceLabel, SourceLabel, StateSourceLabel};
 use tracker::{Tracker, Transition};
 
 #[derive(Clone, Debug)]
@@ -56,7 +58,12 @@ impl Status {
 }
 
 struct Live {
-    watcher: KvstoreWatcher,
+    /// The kvstore's watch (none in CRD mode).
+    watcher: Option<KvstoreWatcher>,
+    /// The Kubernetes watch: CRD mode's nodes and pod IPs, CiliumIdentities.
+    kube: Option<KubeWatcher>,
+    /// Kubernetes events not yet applied to the check (applied before the next re-check).
+    pending_objects: Option<crate::k8s::watch::ObjectBatch>,
     feed: ChangeFeed,
     /// Maps followed by id because the datapath uses them instead of the pins.
     read_live: BTreeMap<String, u32>,
@@ -81,6 +88,8 @@ struct State {
     cilium: Option<CiliumAgentState>,
     /// Findings are judged only while the Cilium agent is ready (or cannot be asked).
     judging: bool,
+    /// Nodes and pod IPs come from Kubernetes objects (no etcd to probe).
+    crd_mode: bool,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -119,7 +128,16 @@ impl State {
         for f in self.tracker.open() {
             *counts.entry(f.kind.name()).or_default() += 1;
         }
-        let etcd = self.health.as_ref().map_or_else(|| "etcd: not probed yet".to_owned(), ClusterHealth::status_line);
+        let etcd = match &self.health {
+            _ if self.crd_mode => "etcd: not used (CRD mode)".to_owned(),
+            Some(h) => h.status_line(),
+            None => "etcd: not probed yet".to_owned(),
+        };
+        let sources = live.map_or_else(String::new, |l| {
+            let o = &l.check.reading().kvstore.origin;
+            let objects = l.kube.as_ref().map(|k| format!(" ({})", k.counts().iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", "))).unwrap_or_default();
+            format!("endpoints: {}, identities: {}{objects}", o.endpoints.name(), o.identities.name())
+        });
         let held = live.map_or(0, |l| l.check.held_nodes().len());
         let (maps, layout) = live.map_or((String::new(), String::new()), |l| {
             let dp = &l.check.reading().datapath;
@@ -133,7 +151,7 @@ impl State {
         let cilium = self.cilium.as_ref().map_or_else(|| "not observed yet".to_owned(), CiliumAgentState::summary);
         tracing::info!(
             event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, cilium = %cilium, judging = self.judging, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
-            etcd = %etcd, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
+            etcd = %etcd, sources = %sources, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
             error = %self.last_error.clone().unwrap_or_default(), "node health"
         );
     }
@@ -173,10 +191,39 @@ impl State {
     }
 }
 
+/// How long the Kubernetes watch may take to list every kind before the agent gives up and
+/// starts over.
+const KUBERNETES_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// `agent_config`: the Cilium agent's own configuration, when its API answered.
 async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> anyhow::Result<Live> {
-    let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
-    let watcher = KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?;
+    let config = run::node_config(&opts.check, agent_config)?;
+    let crd_mode = config.crd_mode() == Some(true);
+    // With the mode unknown, identities are checked in the kvstore (a one-shot check infers CRD
+    // identities from what it lists; the agent is told by Cilium's API or ConfigMap).
+    let identities_from_objects = crd_mode || config.identities_in_kvstore() == Some(false);
+    let (client, unread) = if identities_from_objects {
+        match crate::k8s::client::connect(&opts.check.kube).await {
+            Ok(Some(c)) => (Some(c), None),
+            Ok(None) => (None, Some("no Kubernetes API configured: --kubeconfig / KUBECONFIG, or the pod's ServiceAccount".to_owned())),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
+    if crd_mode && client.is_none() {
+        anyhow::bail!("Cilium runs in CRD mode (no kvstore): nodes and pod IPs are CiliumNode and CiliumEndpoint objects, and {}", unread.unwrap_or_default());
+    }
+    let (watcher, health) = if crd_mode {
+        (None, ClusterHealth::default())
+    } else {
+        let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
+        (Some(KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?), health)
+    };
+    let kube = match &client {
+        Some(c) => Some(start_kube(c, opts, &config, crd_mode, agent_config).await?),
+        None => None,
+    };
     // The layout comes from the maps' contents; then the feed, then the snapshot the check
     // starts from: a map change made while that is read comes as an event too (applying it
     // again is harmless), so none falls between the feed's start and the snapshot.
@@ -188,19 +235,78 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
     let feed = ChangeFeed::open(&read, layout, &opts.follow)?;
     let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
-    let reading = Reading { kvstore: watcher.mirror().snapshot(), datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
-    let config = run::node_config(&opts.check, agent_config)?;
+    let mut kvstore = match (&watcher, &kube) {
+        (Some(w), _) => w.mirror().snapshot(),
+        (None, Some(k)) => k.snapshot(),
+        (None, None) => Default::default(),
+    };
+    match &kube {
+        Some(k) if watcher.is_some() => k.fill_identities(&mut kvstore),
+        _ => kvstore.origin.identities_unread = unread,
+    }
+    let reading = Reading { kvstore, datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let mut check = LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading);
     check.set_hold_off(opts.check.hold_off);
-    if !opts.check.hold_off.is_zero() {
+    if let Some(w) = watcher.as_ref().filter(|_| !opts.check.hold_off.is_zero()) {
         // Nodes deleted just before the agent started are in their hold-off too.
         let kv = &check.reading().kvstore;
-        match history::recent_node_deletes(watcher.etcd(), kv, now, now, opts.check.hold_off, &[]).await {
+        match history::recent_node_deletes(w.etcd(), kv, now, now, opts.check.hold_off, &[]).await {
             Ok(held) => check.hold_nodes(held),
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
     }
-    Ok(Live { watcher, feed, read_live: read.read_live, check })
+    Ok(Live { watcher, kube, pending_objects: None, feed, read_live: read.read_live, check })
+}
+
+/// Starts the Kubernetes watch and waits for its first lists (judging half a list would report
+/// the other half missing).
+async fn start_kube(client: &kube::Client, opts: &AgentOptions, config: &crate::check::config::DatapathConfig, crd_mode: bool, agent_config: Option<&AgentConfig>) -> anyhow::Result<KubeWatcher> {
+    let cluster_id = agent_config.and_then(|a| a.cluster_id).unwrap_or(0);
+    let slices = config.endpoint_slices.unwrap_or(false);
+    let mut kw = KubeWatcher::start(client, &opts.check.kube, &opts.check.node_name, &opts.check.cluster, cluster_id, crd_mode, slices, true);
+    let deadline = tokio::time::Instant::now() + KUBERNETES_SYNC_TIMEOUT;
+    let mut last_error = None;
+    while !kw.synced() {
+        match tokio::time::timeout_at(deadline, kw.next()).await {
+            Ok(batch) => last_error = batch.errors.last().cloned().or(last_error),
+            Err(_) => anyhow::bail!("the Kubernetes lists did not complete within {KUBERNETES_SYNC_TIMEOUT:?}: {}", last_error.unwrap_or_else(|| "no answer".into())),
+        }
+        // A refusal (RBAC, CRD not installed) will not heal by waiting: start over later.
+        if let Some(e) = last_error.as_ref().filter(|e| e.contains("forbidden") || e.contains("not served")) {
+            anyhow::bail!("{e}");
+        }
+    }
+    tracing::info!(event = "kubernetes-synced", objects = ?kw.counts(), "Kubernetes lists complete; watching");
+    Ok(kw)
+}
+
+/// The next kvstore watch batch (never, without a kvstore).
+async fn next_kvstore(w: &mut Option<KvstoreWatcher>) -> Result<crate::kvstore::watch::WatchBatch, crate::kvstore::client::KvstoreError> {
+    match w {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next Kubernetes watch batch (never, without a Kubernetes watch).
+async fn next_objects(k: &mut Option<KubeWatcher>) -> crate::k8s::watch::ObjectBatch {
+    match k {
+        Some(k) => k.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where each kind is read, as metrics.
+fn publish_sources(metrics: &Metrics, l: &Live) {
+    let o = &l.check.reading().kvstore.origin;
+    for (kind, source) in [("endpoints", o.endpoints), ("identities", o.identities)] {
+        for s in [StateSource::Kvstore, StateSource::Kubernetes] {
+            metrics.state_source.get_or_create(&StateSourceLabel { kind: kind.into(), source: s.name().into() }).set(i64::from(s == source));
+        }
+    }
+    for (resource, n) in l.kube.as_ref().map(KubeWatcher::counts).unwrap_or_default() {
+        metrics.kubernetes_objects.get_or_create(&ResourceLabel { resource: resource.into() }).set(n as i64);
+    }
 }
 
 /// Re-checks what changed (everything after a start or resync) and records the result.
@@ -266,13 +372,8 @@ fn spawn_cilium_observer(opts: &crate::cilium::CiliumOptions, poke: Arc<tokio::s
 /// Takes a new observation of the Cilium agent: logs a change of state, publishes it, holds
 /// judging while Cilium recovers and, when it is ready again, re-checks everything with the
 /// grace period starting afresh.
-async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, mut st: CiliumAgentState) {
-    // An agent without a kvstore is not checkable from it: hold judging and say why.
-    let crd_mode = st.config.as_ref().and_then(AgentConfig::crd_mode);
-    let judge = st.state.judge() && crd_mode.is_none();
-    if let Some(why) = crd_mode {
-        st.reason = why;
-    }
+async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumAgentState) {
+    let judge = st.state.judge();
     let first = state.cilium.is_none();
     let changed = state.cilium.as_ref().is_none_or(|old| old.state != st.state || old.started_at != st.started_at || old.reason != st.reason);
     if changed {
@@ -328,6 +429,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         live_maps_logged: false,
         cilium: None,
         judging: true,
+        crd_mode: false,
     };
     let cilium_poke = Arc::new(tokio::sync::Notify::new());
     let mut cilium_rx = spawn_cilium_observer(&opts.check.cilium, cilium_poke.clone());
@@ -351,7 +453,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let agent_config = state.agent_config();
             match start_live(&opts, agent_config.as_ref()).await {
                 Ok(mut l) => {
-                    state.health = Some(l.check.reading().health.clone());
+                    state.crd_mode = l.watcher.is_none();
+                    state.health = (!state.crd_mode).then(|| l.check.reading().health.clone());
+                    publish_sources(&metrics, &l);
                     state.last_error = None;
                     evaluate(&mut state, &mut l);
                     metrics.set_ready(true);
@@ -392,7 +496,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
-                batch = l.watcher.next() => match batch {
+                objects = next_objects(&mut l.kube) => {
+                    metrics.change_events.get_or_create(&SourceLabel { source: "kubernetes".into() }).inc_by(objects.events as u64);
+                    if !objects.listed.is_empty() {
+                        tracing::info!(event = "kubernetes-relist", resources = ?objects.listed, "Kubernetes watch relisted");
+                    }
+                    let p = l.pending_objects.get_or_insert_with(Default::default);
+                    p.touched.extend(objects.touched);
+                    p.own_node |= objects.own_node;
+                    p.identities |= objects.identities;
+                    p.events += objects.events;
+                    dirty_since.get_or_insert(Instant::now());
+                },
+                batch = next_kvstore(&mut l.watcher) => match batch {
                     Ok(b) => {
                         metrics.change_events.get_or_create(&SourceLabel { source: "kvstore".into() }).inc_by(b.changes.len() as u64);
                         if b.relisted {
@@ -481,16 +597,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
         if Instant::now() >= next_health {
             next_health = Instant::now() + opts.health_interval;
-            let h = health::cluster_health(&opts.check.etcd, opts.check.etcd_timeout).await;
-            metrics.etcd_connected.set(h.connected as i64);
+            // CRD mode: no etcd to probe.
+            let h = if state.crd_mode { None } else { Some(health::cluster_health(&opts.check.etcd, opts.check.etcd_timeout).await) };
+            if let Some(h) = &h {
+                metrics.etcd_connected.set(h.connected as i64);
+            }
             if let Some(l) = live.as_mut() {
-                l.check.set_health(h.clone());
+                if let Some(h) = &h {
+                    l.check.set_health(h.clone());
+                }
+                publish_sources(&metrics, l);
                 // Time-dependent findings (heartbeat age) and the node-scale sections.
                 if refresh(&opts, l, false, None).await.is_ok() {
                     evaluate(&mut state, l);
                 }
             }
-            state.health = Some(h);
+            state.health = h;
             state.status = state.compute_status();
             metrics.set_failed(state.status == Status::Failed);
             state.health_line(live.as_ref());
@@ -508,6 +630,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// a fresh kvstore list, node_config.h): the watch and change events are the fast path, the
 /// resync the safety net.
 async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool, agent_config: Option<&AgentConfig>) -> Result<(), crate::check::run::CheckError> {
+    // The Kubernetes side: what the watch holds now (all of it on a resync).
+    let pending = l.pending_objects.take();
+    if let Some(k) = &l.kube
+        && (pending.is_some() || resync)
+    {
+        let p = pending.unwrap_or_default();
+        if l.watcher.is_none() {
+            l.check.replace_objects(k.snapshot(), &p.touched, p.own_node || resync);
+        } else if p.identities || resync {
+            l.check.set_identities(|s| k.fill_identities(s));
+        }
+    }
     if resync || l.check.needs_reread() {
         let (dp, host) = run::read_datapath(&opts.check.datapath).await?;
         let read_live = dp.live_maps.read_live();
@@ -524,12 +658,14 @@ async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool, agent_config: 
         // The kvstore side: count the keys etcd holds at the watch's revision; relist only when
         // they disagree with what the watch built (a relist per agent per resync would be most
         // of what kvcheck costs etcd; docs/scale.md).
-        let verified = l.watcher.counts_match().await;
-        if !matches!(verified, Ok(true)) {
-            tracing::info!(event = "kvstore-resync-relist", reason = %verified.map_or_else(|e| e.to_string(), |_| "key counts differ from the watch".to_owned()), "relisting the kvstore");
-            match l.watcher.relist().await {
-                Ok(b) => l.check.apply_kvstore(&b.changes, b.revision),
-                Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
+        if let Some(w) = l.watcher.as_mut() {
+            let verified = w.counts_match().await;
+            if !matches!(verified, Ok(true)) {
+                tracing::info!(event = "kvstore-resync-relist", reason = %verified.map_or_else(|e| e.to_string(), |_| "key counts differ from the watch".to_owned()), "relisting the kvstore");
+                match w.relist().await {
+                    Ok(b) => l.check.apply_kvstore(&b.changes, b.revision),
+                    Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),
+                }
             }
         }
         match run::node_config(&opts.check, agent_config) {

@@ -239,6 +239,8 @@ pub fn diff_scoped<'a>(
         ipcache_prefix(p, exp.ipcache.get(p), observed(p), obs, &kv, &mut out);
     }
     node_sections(exp, ctx, obs, &kv, used, &mut out);
+    // Not an ipcache kind, so every re-check recomputes them (CRD mode only: one pass).
+    endpoint_objects(obs, &mut out);
     finish(out)
 }
 

@@ -100,7 +100,10 @@ fn identities_not_checked(snap: &KvstoreSnapshot, cfg: &DatapathConfig, own: Opt
     if snap.origin.identities == StateSource::Kubernetes {
         return None;
     }
-    let from = || cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h")).cloned().unwrap_or_else(|| "options".to_owned());
+    let from = || {
+        let mode_file = cfg.sources.iter().find(|s| s.ends_with("identity-allocation-mode"));
+        mode_file.or_else(|| cfg.sources.iter().rev().find(|s| !s.ends_with("node_config.h") && !s.contains("config-map"))).cloned().unwrap_or_else(|| "options".to_owned())
+    };
     match cfg.identities_in_kvstore() {
         Some(true) => None,
         Some(false) => Some(format!(

@@ -231,6 +231,22 @@ impl LiveCheck {
         self.full = true;
     }
 
+    /// CRD mode: the objects as the Kubernetes watch now holds them, and the ipcache prefixes its
+    /// events touched (re-checked); a change of this node's own CiliumNode re-checks all.
+    pub fn replace_objects(&mut self, kvstore: KvstoreSnapshot, touched: &[IpNet], own_node: bool) {
+        self.reading.kvstore = kvstore;
+        self.reading.kvstore_read_at = chrono::Utc::now();
+        self.index_kvstore();
+        self.count_identity_users();
+        self.touched.extend(touched.iter().copied());
+        self.full |= own_node;
+    }
+
+    /// Identities kept as CiliumIdentity objects (beside a kvstore): `fill` puts them in.
+    pub fn set_identities(&mut self, fill: impl FnOnce(&mut KvstoreSnapshot)) {
+        fill(&mut self.reading.kvstore);
+    }
+
     /// New interface addresses: local addresses feed the expectations, so a full re-check
     /// follows when they changed.
     pub fn set_host(&mut self, host: HostAddresses) {
@@ -483,7 +499,7 @@ fn fill<T>(dump: &mut MapDump<T>) {
 }
 
 /// The ipcache prefixes a remote node's entry gives expectations for.
-fn node_prefixes(n: &NodeEntry) -> Vec<IpNet> {
+pub fn node_prefixes(n: &NodeEntry) -> Vec<IpNet> {
     let ips = n.addresses.iter().map(|a| a.ip).chain([n.ipv4_health_ip, n.ipv6_health_ip, n.ipv4_ingress_ip, n.ipv6_ingress_ip].into_iter().flatten());
     let cidrs = n.ipv4_alloc_cidr.iter().chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_alloc_cidr).chain(&n.ipv6_secondary_alloc_cidrs).map(IpNet::trunc);
     ips.map(IpNet::from).chain(cidrs).collect()

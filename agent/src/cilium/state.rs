@@ -86,14 +86,6 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Why this node cannot be checked from the kvstore: the agent runs without one (CRD mode:
-    /// nodes and pod IPs are CiliumNode / CiliumEndpoint objects, whatever an etcd may hold).
-    pub fn crd_mode(&self) -> Option<String> {
-        (self.kvstore.as_deref() == Some("")).then(|| {
-            "the Cilium agent runs without a kvstore (CRD mode: nodes and pod IPs are CiliumNode and CiliumEndpoint objects in the Kubernetes API), which this kvcheck does not read yet; an etcd's content is not this node's cluster state".to_owned()
-        })
-    }
-
     pub fn from_api(c: &DaemonConfiguration) -> AgentConfig {
         let Some(status) = &c.status else {
             return AgentConfig::default();

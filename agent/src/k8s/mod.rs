@@ -5,3 +5,4 @@ pub mod client;
 pub mod crds;
 pub mod decode;
 pub mod reader;
+pub mod watch;
