@@ -58,10 +58,19 @@ fn object_key(obj: &Value) -> String {
 }
 
 impl Store {
-    /// The live objects of `plural` at `revision`.
-    fn at(&self, plural: &str, revision: u64) -> Vec<Value> {
-        let Some(objs) = self.objects.get(plural) else { return Vec::new() };
-        objs.values().filter_map(|h| h.iter().rev().find(|(rv, _)| *rv <= revision).and_then(|(_, v)| v.clone())).collect()
+    /// The live objects of `plural` at `revision`, `skip` then at most `limit` of them, and
+    /// how many there are in all.
+    fn at(&self, plural: &str, revision: u64, skip: usize, limit: usize) -> (Vec<Value>, usize) {
+        let Some(objs) = self.objects.get(plural) else { return (Vec::new(), 0) };
+        let live = objs.values().filter_map(|h| h.iter().rev().find(|(rv, _)| *rv <= revision).and_then(|(_, v)| v.as_ref()));
+        let (mut page, mut total) = (Vec::new(), 0);
+        for (i, v) in live.enumerate() {
+            if i >= skip && page.len() < limit {
+                page.push(v.clone());
+            }
+            total += 1;
+        }
+        (page, total)
     }
 }
 
@@ -185,6 +194,29 @@ impl Drop for KubeApi {
     }
 }
 
+/// The discovery documents kubectl reads before it lists (`/api`, `/apis`, the group versions).
+fn discovery(path: &str) -> Option<Value> {
+    let resources = |gv: &str| -> Vec<Value> {
+        RESOURCES
+            .iter()
+            .filter(|(_, g, _)| *g == gv)
+            .map(|(plural, _, list)| {
+                json!({"name": plural, "singularName": "", "namespaced": *plural == "ciliumendpoints", "kind": list.trim_end_matches("List"), "verbs": ["get", "list", "watch"]})
+            })
+            .collect()
+    };
+    match path {
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})),
+        "/api/v1" => Some(json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": []})),
+        "/apis" => Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "cilium.io", "versions": [{"groupVersion": "cilium.io/v2", "version": "v2"}, {"groupVersion": "cilium.io/v2alpha1", "version": "v2alpha1"}], "preferredVersion": {"groupVersion": "cilium.io/v2", "version": "v2"}}]})),
+        "/apis/cilium.io/v2" | "/apis/cilium.io/v2alpha1" => {
+            let gv = path.trim_start_matches("/apis/");
+            Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources(gv)}))
+        }
+        _ => None,
+    }
+}
+
 fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
     let text = body.to_string();
     let reason = match code {
@@ -224,6 +256,10 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let (path, params) = query(&target);
+    if let Some(doc) = discovery(&path) {
+        respond(&mut conn, 200, &doc);
+        return;
+    }
     let Some((plural, group_version, list_kind)) = RESOURCES.iter().find(|(p, gv, _)| path == format!("/apis/{gv}/{p}")).copied() else {
         respond(&mut conn, 404, &status(404, "NotFound", &format!("the server could not find the requested resource ({path})")));
         return;
@@ -307,13 +343,12 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
         respond(&mut conn, 410, &status(410, "Expired", msg));
         return;
     }
-    let all = st.at(plural, revision);
-    let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
+    let (page, total) = st.at(plural, revision, offset, limit);
     let next = offset + page.len();
     let mut metadata = json!({"resourceVersion": revision.to_string()});
-    if next < all.len() {
+    if next < total {
         metadata["continue"] = Value::String(format!("{revision}-{next}"));
-        metadata["remainingItemCount"] = json!(all.len() - next);
+        metadata["remainingItemCount"] = json!(total - next);
     }
     let body = json!({"apiVersion": group_version, "kind": list_kind, "metadata": metadata, "items": page});
     drop(st);

@@ -101,3 +101,50 @@ pub fn serve_identities(api: &KubeApi) {
         api.put("ciliumidentities", identity(id));
     }
 }
+
+/// The cluster of [`crate::simdata::cluster_pairs`] (`shape`) as CRD mode keeps it: a
+/// CiliumNode per node, a CiliumEndpoint per pod IP, a CiliumIdentity per identity, plus
+/// `extra_identities` no pod uses (the operator keeps unused ones for 30-45 min). Served
+/// from `api`.
+pub fn serve_scaled(api: &KubeApi, shape: crate::simdata::ClusterShape, extra_identities: u32) {
+    use crate::simdata::{identity_labels, node_ip, pod_cidr_base};
+    let node_t = template("ciliumnodes");
+    let cep_t = template("ciliumendpoints");
+    let id_t = template("ciliumidentities");
+    for i in 0..shape.nodes {
+        let (a, b) = pod_cidr_base(i);
+        let mut o = node_t.clone();
+        let name = format!("node-{i}");
+        o["metadata"]["name"] = json!(name);
+        o["metadata"]["labels"]["kubernetes.io/hostname"] = json!(name);
+        o["metadata"]["ownerReferences"][0]["name"] = json!(name);
+        o["spec"]["addresses"] = json!([{"ip": node_ip(i), "type": "InternalIP"}, {"ip": format!("10.{a}.{b}.1"), "type": "CiliumInternalIP"}]);
+        o["spec"]["health"] = json!({"ipv4": format!("10.{a}.{b}.2")});
+        o["spec"]["ipam"]["podCIDRs"] = json!([format!("10.{a}.{b}.0/24")]);
+        api.put("ciliumnodes", o);
+    }
+    for j in 0..shape.ips {
+        let n = j % shape.nodes;
+        let (a, b) = pod_cidr_base(n);
+        let id = 256 + j % shape.identities;
+        let ns = format!("ns-{}", id % 50);
+        let name = format!("pod-{j}");
+        let mut o = cep_t.clone();
+        o["metadata"]["name"] = json!(name);
+        o["metadata"]["namespace"] = json!(ns);
+        o["metadata"]["ownerReferences"][0]["name"] = json!(name);
+        let s = &mut o["status"];
+        s["id"] = json!(j % 60_000);
+        s["identity"] = json!({"id": id, "labels": labels_of(&identity_labels(id - 256)).1});
+        s["networking"] = json!({"addressing": [{"ipv4": format!("10.{a}.{b}.{}", 3 + j / shape.nodes)}], "node": node_ip(n)});
+        s["external-identifiers"]["pod-name"] = json!(format!("{ns}/{name}"));
+        api.put("ciliumendpoints", o);
+    }
+    for k in 0..shape.identities + extra_identities {
+        let mut o = id_t.clone();
+        let (security, _) = labels_of(&identity_labels(k));
+        o["metadata"]["name"] = json!((256 + k).to_string());
+        o["security-labels"] = Value::Object(security);
+        api.put("ciliumidentities", o);
+    }
+}
