@@ -242,6 +242,11 @@ struct DumpKvstore {
 
 impl EtcdOptions {
     fn settings(&self) -> anyhow::Result<kvstore::config::EtcdSettings> {
+        self.settings_unless(|_| false)
+    }
+
+    /// [`settings`](Self::settings), accepting the validation errors `accept` says may wait.
+    fn settings_unless(&self, accept: fn(&kvstore::config::ConfigError) -> bool) -> anyhow::Result<kvstore::config::EtcdSettings> {
         use kvstore::config::{EtcdSettings, Overrides};
         let mut s = if self.etcd_config.exists() {
             EtcdSettings::from_config_file(&self.etcd_config)?
@@ -259,8 +264,10 @@ impl EtcdOptions {
             },
             "command-line flags",
         );
-        s.validate()?;
-        Ok(s)
+        match s.validate() {
+            Err(e) if !accept(&e) => Err(e.into()),
+            _ => Ok(s),
+        }
     }
 
     fn list_options(&self) -> kvstore::reader::ListOptions {
@@ -437,7 +444,8 @@ impl CheckArgs {
         let args = self;
         Ok(kvcheck::check::run::CheckOptions {
         datapath: args.datapath.read_options(false),
-        etcd: args.etcd.settings()?,
+        // In CRD mode there is no etcd: endpoints are required only once etcd is read.
+        etcd: args.etcd.settings_unless(kvstore::config::ConfigError::is_no_endpoints)?,
         etcd_timeout: args.etcd.timeout(),
         list: args.etcd.list_options(),
         node_name: args.node.name_or_hostname()?,

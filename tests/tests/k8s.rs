@@ -106,6 +106,8 @@ fn crd_mode_is_checked_from_the_kubernetes_api() {
     assert_eq!((doc["sources"]["endpoints"].as_str(), doc["sources"]["identities"]["source"].as_str()), (Some("kubernetes"), Some("kubernetes")), "{doc:#}");
     let rvs = &doc["sources"]["kubernetes"]["resource_versions"];
     assert!(rvs["ciliumnodes"].is_string() && rvs["ciliumendpoints"].is_string(), "{doc:#}");
+    let table = String::from_utf8_lossy(&node.check(&["--settle", "0", "--cilium-config-map", &cm, "--kubeconfig", &api.kubeconfig_str()]).stdout).into_owned();
+    assert!(table.contains("CONSISTENT: the datapath agrees with Cilium's objects in the Kubernetes API") && table.contains("kvstore   not used (CRD mode"), "{table}");
 
     // A remote pod's entry deleted behind Cilium's back: missing, naming its CiliumEndpoint.
     node.ipcache_delete("10.2.0.30/32").unwrap();
@@ -235,4 +237,25 @@ fn agent_in_crd_mode_watches_the_kubernetes_api() {
     assert!(metrics.contains("kind=\"endpoints\",source=\"kubernetes\"} 1"), "{metrics}");
     assert!(metrics.contains("resource=\"ciliumendpoints\"} 4"), "{metrics}");
     assert!(api.requests().iter().all(|(_, verb)| verb == "list" || verb == "watch"));
+}
+
+#[test]
+fn agent_in_the_hybrid_watches_ciliumidentities() {
+    if !require_root("agent_in_the_hybrid_watches_ciliumidentities") {
+        return;
+    }
+    use kvcheck_tests::agent::Agent;
+    use std::time::Duration;
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/state/identities/v1/"]).unwrap();
+    let api = KubeApi::start();
+    simobjects::serve_identities(&api);
+    let cm = config_map(&node, true);
+    let kubeconfig = api.kubeconfig_str();
+    let agent = Agent::start(&node, &["--cilium-config-map", &cm, "--kubeconfig", &kubeconfig]);
+    let h = agent.wait_health("ok", "1/1 connected", Duration::from_secs(10));
+    assert!(h["sources"].as_str().unwrap().contains("endpoints: kvstore, identities: kubernetes (ciliumidentities 3)"), "{h}");
+    // A CiliumIdentity deleted while a remote pod uses it, then restored.
+    agent.opens_and_resolves("identity-missing", "1002", || api.delete("ciliumidentities", "1002"), || api.put("ciliumidentities", simobjects::identity(1002)));
+    assert_eq!(agent.opened(), vec![pair("identity-missing", "1002")]);
 }

@@ -100,7 +100,8 @@ fn push_addresses(snap: &mut KvstoreSnapshot, meta: KvMeta, networking: Option<&
                     host_ip: Some(host_ip),
                     identity,
                     encrypt_key,
-                    metadata: ns.map_or_else(|| name.to_owned(), |ns| format!("{ns}/{name}")),
+                    // The object's name is in the key and the two fields below.
+                    metadata: String::new(),
                     k8s_namespace: ns.map(str::to_owned),
                     k8s_pod_name: Some(name.to_owned()),
                 });

@@ -39,8 +39,23 @@ impl Decoded {
         f(&mut s);
         Decoded { key: String::new(), ips: s.ips, node: s.nodes.pop(), identity: s.identities.into_values().next(), malformed: s.malformed }
     }
+}
 
-    /// The ipcache prefixes this object gives expectations for.
+/// An object as kept between events: boxed slices and boxes, so a CiliumEndpoint costs its
+/// entries and a few words (100k of them are held).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Stored {
+    ips: Box<[IpEntry]>,
+    node: Option<Box<NodeEntry>>,
+    identity: Option<Box<IdentityEntry>>,
+    malformed: Box<[Malformed]>,
+}
+
+impl Stored {
+    fn of(d: Decoded) -> (String, Stored) {
+        (d.key, Stored { ips: d.ips.into(), node: d.node.map(Box::new), identity: d.identity.map(Box::new), malformed: d.malformed.into() })
+    }
+
     fn prefixes(&self) -> Vec<IpNet> {
         let mut out: Vec<IpNet> = self.ips.iter().map(|e| e.prefix).collect();
         if let Some(n) = &self.node {
@@ -50,12 +65,12 @@ impl Decoded {
     }
 }
 
-/// One kind's objects: object key (`ns/name` or `name`) → what it decoded into.
+/// One kind's objects: object (`CiliumEndpoint ns/name`) → what it decoded into.
 #[derive(Default)]
 struct KindStore {
-    objects: HashMap<String, Decoded>,
+    objects: HashMap<String, Stored>,
     /// The objects of a list in progress (a start or a relist), swapped in when it is done.
-    listing: Option<HashMap<String, Decoded>>,
+    listing: Option<HashMap<String, Stored>>,
     synced: bool,
 }
 
@@ -195,7 +210,7 @@ impl KubeWatcher {
         };
         let Some(store) = self.kinds.get_mut(plural) else { return };
         let own = format!("CiliumNode {}", self.node_name);
-        let touch = |d: &Decoded, batch: &mut ObjectBatch| {
+        let touch = |d: &Stored, batch: &mut ObjectBatch| {
             batch.touched.extend(d.prefixes());
             batch.own_node |= d.node.as_ref().is_some_and(|n| n.meta.key == own);
             batch.identities |= d.identity.is_some();
@@ -204,19 +219,20 @@ impl KubeWatcher {
             Event::Init => store.listing = Some(HashMap::new()),
             Event::InitApply(d) => {
                 if let Some(listing) = store.listing.as_mut() {
-                    listing.insert(d.key.clone(), d);
+                    let (k, o) = Stored::of(d);
+                    listing.insert(k, o);
                 }
             }
             Event::InitDone => {
                 let new = store.listing.take().unwrap_or_default();
                 // A relist: what changed while the watch was down counts as changed.
                 for (k, old) in &store.objects {
-                    if new.get(k).is_none_or(|n| n.ips != old.ips || n.node != old.node || n.identity != old.identity) {
+                    if new.get(k).is_none_or(|n| n != old) {
                         touch(old, batch);
                     }
                 }
                 for (k, d) in &new {
-                    if store.objects.get(k).is_none_or(|o| o.ips != d.ips || o.node != d.node || o.identity != d.identity) {
+                    if store.objects.get(k).is_none_or(|o| o != d) {
                         touch(d, batch);
                     }
                 }
@@ -225,14 +241,16 @@ impl KubeWatcher {
                 batch.listed.push(plural);
             }
             Event::Apply(d) => {
-                if let Some(old) = store.objects.get(&d.key) {
+                let (k, d) = Stored::of(d);
+                if let Some(old) = store.objects.get(&k) {
                     touch(old, batch);
                 }
                 touch(&d, batch);
-                store.objects.insert(d.key.clone(), d);
+                store.objects.insert(k, d);
             }
             Event::Delete(d) => {
-                if let Some(old) = store.objects.remove(&d.key) {
+                let (k, d) = Stored::of(d);
+                if let Some(old) = store.objects.remove(&k) {
                     touch(&old, batch);
                 }
                 touch(&d, batch);
@@ -248,7 +266,7 @@ impl KubeWatcher {
         for store in self.kinds.values() {
             for d in store.objects.values() {
                 s.ips.extend(d.ips.iter().cloned());
-                s.nodes.extend(d.node.clone());
+                s.nodes.extend(d.node.as_deref().cloned());
                 s.malformed.extend(d.malformed.iter().cloned());
             }
         }
@@ -263,7 +281,7 @@ impl KubeWatcher {
     /// Puts the watched CiliumIdentities into `s` (replacing the kvstore's), when watched.
     pub fn fill_identities(&self, s: &mut KvstoreSnapshot) {
         let Some(store) = self.kinds.get("ciliumidentities") else { return };
-        s.identities = store.objects.values().filter_map(|d| d.identity.clone()).map(|i| (i.id, i)).collect();
+        s.identities = store.objects.values().filter_map(|d| d.identity.as_deref().cloned()).map(|i| (i.id, i)).collect();
         s.counts.identities = s.identities.len();
         s.identity_references.clear();
         s.malformed.retain(|m| !m.meta.key.starts_with("CiliumIdentity "));

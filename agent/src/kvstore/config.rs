@@ -78,6 +78,13 @@ pub enum ConfigError {
     HalfIdentity(&'static str, &'static str),
 }
 
+impl ConfigError {
+    /// No endpoints configured (fine until etcd is needed: CRD mode has none).
+    pub fn is_no_endpoints(&self) -> bool {
+        matches!(self, ConfigError::NoEndpoints)
+    }
+}
+
 /// Overrides from one source (environment or flags); `None` leaves the lower source's value.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
@@ -166,9 +173,14 @@ impl EtcdSettings {
 
     /// Checks the settings are complete enough to connect.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_identity()?;
         if self.endpoints.is_empty() {
             return Err(ConfigError::NoEndpoints);
         }
+        Ok(())
+    }
+
+    fn validate_identity(&self) -> Result<(), ConfigError> {
         match (&self.cert_file, &self.key_file) {
             (Some(_), None) => Err(ConfigError::HalfIdentity("cert-file", "key-file")),
             (None, Some(_)) => Err(ConfigError::HalfIdentity("key-file", "cert-file")),

@@ -154,6 +154,7 @@ fn same_url(a: &str, b: &str) -> bool {
 /// Probes every endpoint, then connects to those that answered (leader first): tonic's
 /// balanced channel would keep picking dead members. Fails when none answers.
 pub async fn connect_healthy(settings: &EtcdSettings, timeout: Duration) -> Result<(Etcd, ClusterHealth), KvstoreError> {
+    settings.validate()?;
     let health = cluster_health(settings, timeout).await;
     if health.connected == 0 {
         let reasons: Vec<String> = health

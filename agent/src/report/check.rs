@@ -53,7 +53,7 @@ pub fn render(r: &CheckReport) -> String {
     let verdict = if !r.judged() {
         "NOT CHECKED: the Cilium agent is not ready; what it is restoring is not judged as drift".to_owned()
     } else if r.consistent() {
-        "CONSISTENT: the datapath agrees with the kvstore".to_owned()
+        format!("CONSISTENT: the datapath agrees with {}", if r.sources.endpoints == crate::model::source::StateSource::Kubernetes { "Cilium's objects in the Kubernetes API" } else { "the kvstore" })
     } else {
         format!("DRIFT: {} findings ({} critical, {} warning, {} info)", c.total, c.critical, c.warning, c.info)
     };
@@ -64,7 +64,14 @@ pub fn render(r: &CheckReport) -> String {
         let entries: Vec<String> = dp.entries.iter().map(|(m, n)| format!("{m} {n}")).collect();
         let _ = writeln!(out, "  datapath  {} layout {}; {} (read {})", dp.bpffs.display(), dp.layout.summary(), entries.join(", "), dp.read_at);
     }
-    if r.judged() {
+    let from_objects = s.endpoints == crate::model::source::StateSource::Kubernetes;
+    if let Some(k) = &s.kubernetes {
+        let versions: Vec<String> = k.resource_versions.iter().map(|(r, v)| format!("{r}@{v}")).collect();
+        let _ = writeln!(out, "  k8s api   {}; {}{}", k.api, versions.join(", "), if k.endpoint_slices { " (CiliumEndpointSlices)" } else { "" });
+    }
+    if r.judged() && from_objects {
+        let _ = writeln!(out, "  kvstore   not used (CRD mode: nodes and pod IPs are Cilium's objects); {} entries from them (read {})", s.kvstore.keys, s.kvstore.read_at);
+    } else if r.judged() {
         let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
     } else {
         let _ = writeln!(out, "  kvstore   {} (read {})", s.kvstore.status, s.kvstore.read_at);
