@@ -28,9 +28,34 @@ fn config_map(node: &SimulatedNode, kvstore: bool) -> String {
     dir.display().to_string()
 }
 
+/// The hybrid (Helm with etcd): nodes and pod IPs in etcd, identities only as CiliumIdentity
+/// objects; its ConfigMap directory.
+fn hybrid_node() -> (SimulatedNode, KubeApi, String) {
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/state/identities/v1/"]).unwrap();
+    let api = KubeApi::start();
+    simobjects::serve_identities(&api);
+    let cm = config_map(&node, true);
+    (node, api, cm)
+}
+
+/// CRD mode: the whole cluster as objects; etcd is not Cilium's, so whatever it holds (nothing
+/// here) must not matter.
+fn crd_mode_node() -> (SimulatedNode, KubeApi, String) {
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/"]).unwrap();
+    let api = KubeApi::start();
+    simobjects::serve_cluster(&api, false, true);
+    let cm = config_map(&node, false);
+    (node, api, cm)
+}
+
 fn check(node: &SimulatedNode, api: &KubeApi, cm: &str, extra: &[&str]) -> (Option<i32>, Value) {
     let kubeconfig = api.kubeconfig_str();
-    let mut args = vec!["--settle", "0", "--output", "json", "--cilium-version", "1.16", "--cilium-config-map", cm, "--kubeconfig", &kubeconfig];
+    let mut args = vec!["--output", "json", "--cilium-version", "1.16", "--cilium-config-map", cm, "--kubeconfig", &kubeconfig];
+    if !extra.contains(&"--settle") {
+        args.extend(["--settle", "0"]);
+    }
     args.extend_from_slice(extra);
     let out = node.check(&args);
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no JSON (exit {:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr)));
@@ -50,12 +75,7 @@ fn hybrid_identities_are_checked_against_ciliumidentity_objects() {
     if !require_root("hybrid_identities_are_checked_against_ciliumidentity_objects") {
         return;
     }
-    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
-    // Nodes and pod IPs in etcd; identities only as CiliumIdentity objects.
-    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/state/identities/v1/"]).unwrap();
-    let api = KubeApi::start();
-    simobjects::serve_identities(&api);
-    let cm = config_map(&node, true);
+    let (node, api, cm) = hybrid_node();
 
     let (code, doc) = check(&node, &api, &cm, &[]);
     assert_eq!((code, kinds(&doc)), (Some(0), vec![]), "{doc:#}");
@@ -93,12 +113,7 @@ fn crd_mode_is_checked_from_the_kubernetes_api() {
     if !require_root("crd_mode_is_checked_from_the_kubernetes_api") {
         return;
     }
-    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
-    // CRD mode: etcd is not Cilium's; whatever it holds must not matter.
-    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/"]).unwrap();
-    let api = KubeApi::start();
-    simobjects::serve_cluster(&api, false, true);
-    let cm = config_map(&node, false);
+    let (node, api, cm) = crd_mode_node();
 
     // Consistent, paged one object at a time.
     let (code, doc) = check(&node, &api, &cm, &["--kube-page-size", "1"]);
@@ -122,6 +137,11 @@ fn crd_mode_is_checked_from_the_kubernetes_api() {
     assert_eq!(f["kvstore"]["value"]["k8s_pod_name"], "pod-30", "{f:#}");
     let f = finding(&doc, "ipcache-stale", "10.2.0.99/32");
     assert!(f["message"].as_str().unwrap().contains("no CiliumEndpoint, CiliumNode or local address explains it"), "{f:#}");
+    // Settling re-lists the objects (after at least 12 s: Cilium writes a CEP up to 10 s late)
+    // and the drift persists, once each.
+    let (code2, settled) = check(&node, &api, &cm, &["--settle", "1s"]);
+    assert_eq!((code2, kinds(&settled)), (code, kinds(&doc)), "{settled:#}");
+    assert_eq!(settled["settle"]["window_ms"], 12000, "{settled:#}");
     node.ipcache_put("10.2.0.30/32", via_b).unwrap();
     node.ipcache_delete("10.2.0.99/32").unwrap();
 
@@ -188,11 +208,7 @@ fn agent_in_crd_mode_watches_the_kubernetes_api() {
     }
     use kvcheck_tests::agent::Agent;
     use std::time::Duration;
-    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
-    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/"]).unwrap();
-    let api = KubeApi::start();
-    simobjects::serve_cluster(&api, false, true);
-    let cm = config_map(&node, false);
+    let (node, api, cm) = crd_mode_node();
     let kubeconfig = api.kubeconfig_str();
     let agent = Agent::start(&node, &["--cilium-config-map", &cm, "--kubeconfig", &kubeconfig, "--kube-page-size", "2"]);
     let h = agent.wait_health("ok", "not used (CRD mode)", Duration::from_secs(10));
@@ -246,11 +262,7 @@ fn agent_in_the_hybrid_watches_ciliumidentities() {
     }
     use kvcheck_tests::agent::Agent;
     use std::time::Duration;
-    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
-    node.etcd.etcdctl_ok(&["del", "--prefix", "cilium/state/identities/v1/"]).unwrap();
-    let api = KubeApi::start();
-    simobjects::serve_identities(&api);
-    let cm = config_map(&node, true);
+    let (node, api, cm) = hybrid_node();
     let kubeconfig = api.kubeconfig_str();
     let agent = Agent::start(&node, &["--cilium-config-map", &cm, "--kubeconfig", &kubeconfig]);
     let h = agent.wait_health("ok", "1/1 connected", Duration::from_secs(10));

@@ -80,6 +80,9 @@ struct State {
     /// The last full check: when and how long it took.
     last_check: Option<(chrono::DateTime<chrono::Utc>, Duration)>,
     last_error: Option<String>,
+    /// The Kubernetes watch's last error, until a batch of events comes without one: the
+    /// watcher backs off and resumes by itself, meanwhile its objects may be stale.
+    kube_error: Option<String>,
     /// The polling fallback is logged once per process, not at every re-open.
     fallback_logged: bool,
     /// So is a skipped check of the maps the datapath uses.
@@ -119,7 +122,7 @@ impl State {
         if self.last_error.is_some() || self.health.as_ref().is_some_and(|h| h.connected == 0) {
             return Status::Failed;
         }
-        let partial = self.health.as_ref().is_some_and(|h| h.connected < h.total);
+        let partial = self.health.as_ref().is_some_and(|h| h.connected < h.total) || self.kube_error.is_some();
         if partial || self.tracker.open().next().is_some() { Status::Degraded } else { Status::Ok }
     }
 
@@ -152,7 +155,7 @@ impl State {
         tracing::info!(
             event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, cilium = %cilium, judging = self.judging, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
             etcd = %etcd, sources = %sources, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
-            error = %self.last_error.clone().unwrap_or_default(), "node health"
+            error = %self.last_error.clone().or_else(|| self.kube_error.clone()).unwrap_or_default(), "node health"
         );
     }
 
@@ -203,11 +206,8 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
     // identities from what it lists; the agent is told by Cilium's API or ConfigMap).
     let identities_from_objects = crd_mode || config.identities_in_kvstore() == Some(false);
     let (client, unread) = if identities_from_objects {
-        match crate::k8s::client::connect(&opts.check.kube).await {
-            Ok(Some(c)) => (Some(c), None),
-            Ok(None) => (None, Some("no Kubernetes API configured: --kubeconfig / KUBECONFIG, or the pod's ServiceAccount".to_owned())),
-            Err(e) => (None, Some(e.to_string())),
-        }
+        let (client, access) = crate::k8s::client::connect_or_reason(&opts.check.kube).await;
+        (client, access.err())
     } else {
         (None, None)
     };
@@ -425,6 +425,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         status: Status::Ok,
         last_check: None,
         last_error: None,
+        kube_error: None,
         fallback_logged: false,
         live_maps_logged: false,
         cilium: None,
@@ -501,6 +502,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     if !objects.listed.is_empty() {
                         tracing::info!(event = "kubernetes-relist", resources = ?objects.listed, "Kubernetes watch relisted");
                     }
+                    let errors = objects.errors.last().cloned();
+                    // Status follows at the end of this pass.
+                    state.kube_error = errors;
                     let p = l.pending_objects.get_or_insert_with(Default::default);
                     p.touched.extend(objects.touched);
                     p.own_node |= objects.own_node;

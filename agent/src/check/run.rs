@@ -293,11 +293,7 @@ impl StateReader {
         let (kube, kube_access) = if identities_in_kvstore == Some(true) {
             (None, Err("not needed".to_owned()))
         } else {
-            match crate::k8s::client::connect(&opts.kube).await {
-                Ok(Some(c)) => (Some(c), Ok(crate::k8s::client::configured(&opts.kube).unwrap_or_default())),
-                Ok(None) => (None, Err("no Kubernetes API configured: --kubeconfig / KUBECONFIG, or the pod's ServiceAccount".to_owned())),
-                Err(e) => (None, Err(e.to_string())),
-            }
+            crate::k8s::client::connect_or_reason(&opts.kube).await
         };
         if crd_mode && kube.is_none() {
             let why = kube_access.as_ref().err().cloned().unwrap_or_default();

@@ -89,6 +89,16 @@ pub async fn connect(opts: &KubeOptions) -> Result<Option<kube::Client>, K8sErro
     kube::Client::try_from(config).map(Some).map_err(|e| fail(e.to_string()))
 }
 
+/// A client when there is a Kubernetes API to read, and how it is reached; else why not (for
+/// the report: identities then "not checked: <why>").
+pub async fn connect_or_reason(opts: &KubeOptions) -> (Option<kube::Client>, Result<String, String>) {
+    match connect(opts).await {
+        Ok(Some(c)) => (Some(c), Ok(configured(opts).unwrap_or_default())),
+        Ok(None) => (None, Err("no Kubernetes API configured: --kubeconfig / KUBECONFIG, or the pod's ServiceAccount".to_owned())),
+        Err(e) => (None, Err(e.to_string())),
+    }
+}
+
 pub fn api_error(resource: &str, e: kube::Error) -> K8sError {
     let resource = resource.to_owned();
     match e {

@@ -49,12 +49,15 @@ pub async fn read_endpoints(kube: &kube::Client, opts: &KubeOptions, cluster: &s
         s.counts.nodes = 0;
         s.malformed.retain(|m| !m.meta.key.starts_with("CiliumNode "));
     };
+    // A re-read (settling) replaces what an earlier list put in.
+    forget_nodes(snap);
     list_into::<CiliumNode>(kube, opts, snap, forget_nodes, |o, s| decode::decode_node(o, cluster, cluster_id, s)).await?;
     let forget_ips = |s: &mut KvstoreSnapshot| {
         s.ips.clear();
         s.counts.ips = 0;
         s.malformed.retain(|m| !m.meta.key.starts_with("CiliumEndpoint"));
     };
+    forget_ips(snap);
     if slices {
         list_into::<CiliumEndpointSlice>(kube, opts, snap, forget_ips, decode::decode_endpoint_slice).await
     } else {
