@@ -20,7 +20,7 @@ use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::datapath::inuse::LiveMaps;
 use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history;
-use crate::k8s::watch::KubeWatcher;
+use crate::k8s::watch::{KubeWatcher, ObjectChange};
 use crate::kvstore::watch::KvstoreWatcher;
 use crate::model::source::StateSource;
 use metrics::{KindLabel, MapLabel, Metrics, ResourceLabel, SourceLabel, StateSourceLabel};
@@ -62,8 +62,6 @@ struct Live {
     watcher: Option<KvstoreWatcher>,
     /// The Kubernetes watch: CRD mode's nodes and pod IPs, CiliumIdentities.
     kube: Option<KubeWatcher>,
-    /// Kubernetes events not yet applied to the check (applied before the next re-check).
-    pending_objects: Option<crate::k8s::watch::ObjectBatch>,
     feed: ChangeFeed,
     /// Maps followed by id because the datapath uses them instead of the pins.
     read_live: BTreeMap<String, u32>,
@@ -220,9 +218,12 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
         let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
         (Some(KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?), health)
     };
-    let kube = match &client {
-        Some(c) => Some(start_kube(c, opts, &config, crd_mode, agent_config).await?),
-        None => None,
+    let (kube, listed) = match &client {
+        Some(c) => {
+            let (k, listed) = start_kube(c, opts, &config, crd_mode, agent_config).await?;
+            (Some(k), listed)
+        }
+        None => (None, Vec::new()),
     };
     // The layout comes from the maps' contents; then the feed, then the snapshot the check
     // starts from: a map change made while that is read comes as an event too (applying it
@@ -235,17 +236,22 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
     let feed = ChangeFeed::open(&read, layout, &opts.follow)?;
     let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
-    let mut kvstore = match (&watcher, &kube) {
-        (Some(w), _) => w.mirror().snapshot(),
-        (None, Some(k)) => k.snapshot(),
-        (None, None) => Default::default(),
+    let mut kvstore = match &watcher {
+        Some(w) => w.mirror().snapshot(),
+        None => Default::default(),
     };
-    match &kube {
-        Some(k) if watcher.is_some() => k.fill_identities(&mut kvstore),
-        _ => kvstore.origin.identities_unread = unread,
+    if watcher.is_none() {
+        kvstore.origin.endpoints = StateSource::Kubernetes;
+        kvstore.origin.endpoint_slices = config.endpoint_slices.unwrap_or(false);
     }
+    kvstore.origin.identities_unread = unread;
     let reading = Reading { kvstore, datapath, host, health, datapath_read_at: now, kvstore_read_at: now };
     let mut check = LiveCheck::new(&opts.check.node_name, &opts.check.cluster, config, reading);
+    if kube.is_some() {
+        // The objects the first lists gave (the watch's changes follow them).
+        check.take_identities_from_objects();
+        check.apply_objects(listed);
+    }
     check.set_hold_off(opts.check.hold_off);
     if let Some(w) = watcher.as_ref().filter(|_| !opts.check.hold_off.is_zero()) {
         // Nodes deleted just before the agent started are in their hold-off too.
@@ -255,20 +261,24 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
     }
-    Ok(Live { watcher, kube, pending_objects: None, feed, read_live: read.read_live, check })
+    Ok(Live { watcher, kube, feed, read_live: read.read_live, check })
 }
 
 /// Starts the Kubernetes watch and waits for its first lists (judging half a list would report
-/// the other half missing).
-async fn start_kube(client: &kube::Client, opts: &AgentOptions, config: &crate::check::config::DatapathConfig, crd_mode: bool, agent_config: Option<&AgentConfig>) -> anyhow::Result<KubeWatcher> {
+/// the other half missing); returns the watch and what those lists held.
+async fn start_kube(client: &kube::Client, opts: &AgentOptions, config: &crate::check::config::DatapathConfig, crd_mode: bool, agent_config: Option<&AgentConfig>) -> anyhow::Result<(KubeWatcher, Vec<ObjectChange>)> {
     let cluster_id = agent_config.and_then(|a| a.cluster_id).unwrap_or(0);
     let slices = config.endpoint_slices.unwrap_or(false);
-    let mut kw = KubeWatcher::start(client, &opts.check.kube, &opts.check.node_name, &opts.check.cluster, cluster_id, crd_mode, slices, true);
+    let mut kw = KubeWatcher::start(client, &opts.check.kube, &opts.check.cluster, cluster_id, crd_mode, slices, true);
     let deadline = tokio::time::Instant::now() + KUBERNETES_SYNC_TIMEOUT;
     let mut last_error = None;
+    let mut listed = Vec::new();
     while !kw.synced() {
         match tokio::time::timeout_at(deadline, kw.next()).await {
-            Ok(batch) => last_error = batch.errors.last().cloned().or(last_error),
+            Ok(batch) => {
+                last_error = batch.errors.last().cloned().or(last_error);
+                listed.extend(batch.changes);
+            }
             Err(_) => anyhow::bail!("the Kubernetes lists did not complete within {KUBERNETES_SYNC_TIMEOUT:?}: {}", last_error.unwrap_or_else(|| "no answer".into())),
         }
         // A refusal (RBAC, CRD not installed) will not heal by waiting: start over later.
@@ -277,7 +287,7 @@ async fn start_kube(client: &kube::Client, opts: &AgentOptions, config: &crate::
         }
     }
     tracing::info!(event = "kubernetes-synced", objects = ?kw.counts(), "Kubernetes lists complete; watching");
-    Ok(kw)
+    Ok((kw, listed))
 }
 
 /// The next kvstore watch batch (never, without a kvstore).
@@ -505,12 +515,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     let errors = objects.errors.last().cloned();
                     // Status follows at the end of this pass.
                     state.kube_error = errors;
-                    let p = l.pending_objects.get_or_insert_with(Default::default);
-                    p.touched.extend(objects.touched);
-                    p.own_node |= objects.own_node;
-                    p.identities |= objects.identities;
-                    p.events += objects.events;
-                    dirty_since.get_or_insert(Instant::now());
+                    if !objects.changes.is_empty() {
+                        l.check.apply_objects(objects.changes);
+                        dirty_since.get_or_insert(Instant::now());
+                    }
                 },
                 batch = next_kvstore(&mut l.watcher) => match batch {
                     Ok(b) => {
@@ -634,18 +642,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// a fresh kvstore list, node_config.h): the watch and change events are the fast path, the
 /// resync the safety net.
 async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool, agent_config: Option<&AgentConfig>) -> Result<(), crate::check::run::CheckError> {
-    // The Kubernetes side: what the watch holds now (all of it on a resync).
-    let pending = l.pending_objects.take();
-    if let Some(k) = &l.kube
-        && (pending.is_some() || resync)
-    {
-        let p = pending.unwrap_or_default();
-        if l.watcher.is_none() {
-            l.check.replace_objects(k.snapshot(), &p.touched, p.own_node || resync);
-        } else if p.identities || resync {
-            l.check.set_identities(|s| k.fill_identities(s));
-        }
-    }
     if resync || l.check.needs_reread() {
         let (dp, host) = run::read_datapath(&opts.check.datapath).await?;
         let read_live = dp.live_maps.read_live();

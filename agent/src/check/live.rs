@@ -23,10 +23,16 @@ use crate::datapath::events::{DatapathChange, Entry};
 use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::history::HeldNode;
-use crate::kvstore::reader::{self, KvstoreSnapshot};
+use crate::k8s::decode;
+use crate::k8s::watch::{DecodedObject, ObjectChange};
+use crate::kvstore::reader;
 use crate::kvstore::values::{KvMeta, NodeEntry, IP_PREFIX, NODES_PREFIX};
 use crate::kvstore::watch::Change;
 use crate::model::identity::{self, IdentityScope};
+use crate::model::source::StateSource;
+
+/// Cilium's kvstore identities (`id/` and `value/` keys).
+const IDENTITIES_PREFIX: &str = "cilium/state/identities/v1/";
 
 /// What a re-check looked at: findings outside it are left as they were.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +67,12 @@ pub struct LiveCheck {
     reading: Reading,
     /// `ip/v1` key → position in `reading.kvstore.ips`.
     ip_at: HashMap<Box<str>, usize>,
+    /// CRD mode: CiliumEndpoint (or CiliumEndpointSlice) → positions of its entries in
+    /// `reading.kvstore.ips`. The live check holds the objects' entries; the Kubernetes watch
+    /// only their names.
+    objects: HashMap<Box<str>, Box<[u32]>>,
+    /// Identities are CiliumIdentity objects (applied with the other objects), not kvstore keys.
+    identities_from_objects: bool,
     /// Keys of the `ip/v1` entries hosted on this node (HostIP in `hosts`), as of the last full
     /// re-check and the changes since: a scoped re-check derives from these and the touched
     /// prefixes' entries instead of filtering all ~100k.
@@ -94,6 +106,8 @@ impl LiveCheck {
             config,
             reading,
             ip_at: HashMap::new(),
+            objects: HashMap::new(),
+            identities_from_objects: false,
             hosted: HashSet::new(),
             hosts: Default::default(),
             other_spaces: 0,
@@ -151,8 +165,167 @@ impl LiveCheck {
 
     fn index_kvstore(&mut self) {
         let ips = &self.reading.kvstore.ips;
-        self.ip_at = ips.iter().enumerate().map(|(i, e)| (Box::from(e.meta.key.as_str()), i)).collect();
+        let (mut ip_at, mut objects) = (HashMap::new(), HashMap::<Box<str>, Vec<u32>>::new());
+        for (i, e) in ips.iter().enumerate() {
+            if e.meta.key.starts_with(IP_PREFIX) {
+                ip_at.insert(Box::from(e.meta.key.as_str()), i);
+            } else {
+                objects.entry(decode::object_of(&e.meta.key).into()).or_default().push(i as u32);
+            }
+        }
+        self.ip_at = ip_at;
+        self.objects = objects.into_iter().map(|(k, v)| (k, v.into())).collect();
         self.other_spaces = ips.iter().filter(|e| !e.meta.key.starts_with(DEFAULT_SPACE)).count();
+    }
+
+    /// Removes the `ip/v1` entry at `i` (the last one takes its place, and its index entry
+    /// follows).
+    fn swap_remove_ip(&mut self, i: usize) {
+        let snap = &mut self.reading.kvstore;
+        let last = snap.ips.len() - 1;
+        let gone = snap.ips.swap_remove(i);
+        self.count_identity(gone.identity, -1);
+        self.other_spaces -= usize::from(!gone.meta.key.starts_with(DEFAULT_SPACE));
+        let Some(moved) = self.reading.kvstore.ips.get(i) else { return };
+        if moved.meta.key.starts_with(IP_PREFIX) {
+            self.ip_at.insert(Box::from(moved.meta.key.as_str()), i);
+        } else if let Some(at) = self.objects.get_mut(decode::object_of(&moved.meta.key)) {
+            for p in at.iter_mut().filter(|p| **p as usize == last) {
+                *p = i as u32;
+            }
+        }
+    }
+
+    /// CRD mode (and CiliumIdentities beside a kvstore): applies what the Kubernetes watch saw,
+    /// in order. An object applied again with the same entries (CiliumEndpoints are rewritten
+    /// for fields kvcheck does not read) changes nothing and touches nothing.
+    pub fn apply_objects(&mut self, changes: Vec<ObjectChange>) {
+        for c in changes {
+            match c {
+                ObjectChange::Delete(object) => self.remove_object(&object),
+                ObjectChange::Apply(d) => {
+                    if self.holds_object(&d) {
+                        continue;
+                    }
+                    self.remove_object(&d.object);
+                    self.insert_object(d);
+                }
+            }
+        }
+        let kv = &mut self.reading.kvstore;
+        (kv.counts.nodes, kv.counts.ips, kv.counts.identities) = (kv.nodes.len(), kv.ips.len(), kv.identities.len());
+        self.reading.kvstore_read_at = chrono::Utc::now();
+    }
+
+    /// Whether the object's entries are held as decoded but for their resourceVersion (then
+    /// brought to it: the evidence names the object's current version).
+    fn holds_object(&mut self, d: &DecodedObject) -> bool {
+        let kv = &self.reading.kvstore;
+        let at: &[u32] = self.objects.get(d.object.as_str()).map_or(&[], |at| at);
+        let node = kv.nodes.iter().position(|n| n.meta.key == d.object);
+        let held_identity = d.identity.as_ref().and_then(|i| kv.identities.get(&i.id));
+        let same = at.len() == d.ips.len()
+            && at.iter().zip(&d.ips).all(|(i, e)| same_but_revision(&kv.ips[*i as usize], e, |x| &mut x.meta))
+            && match (node.map(|i| &kv.nodes[i]), &d.node) {
+                (Some(a), Some(b)) => same_but_revision(a, b, |x| &mut x.meta),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+            && match (held_identity, &d.identity) {
+                (Some(a), Some(b)) => same_but_revision(a, b, |x| &mut x.meta),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+            && d.malformed.is_empty()
+            && !kv.malformed.iter().any(|m| decode::object_of(&m.meta.key) == d.object);
+        if !same {
+            return false;
+        }
+        let at = at.to_vec();
+        let kv = &mut self.reading.kvstore;
+        for (i, e) in at.iter().zip(&d.ips) {
+            kv.ips[*i as usize].meta.mod_revision = e.meta.mod_revision;
+        }
+        if let (Some(i), Some(n)) = (node, &d.node) {
+            kv.nodes[i].meta.mod_revision = n.meta.mod_revision;
+        }
+        if let Some(i) = &d.identity
+            && let Some(held) = kv.identities.get_mut(&i.id)
+        {
+            held.meta.mod_revision = i.meta.mod_revision;
+        }
+        true
+    }
+
+    fn remove_object(&mut self, object: &str) {
+        if let Some(at) = self.objects.remove(object) {
+            let mut at: Vec<usize> = at.iter().map(|i| *i as usize).collect();
+            // Highest first: what swap_remove moves down is never one still to remove.
+            at.sort_unstable_by(|a, b| b.cmp(a));
+            for i in at {
+                self.touched.insert(self.reading.kvstore.ips[i].prefix);
+                self.swap_remove_ip(i);
+            }
+        }
+        let kv = &mut self.reading.kvstore;
+        if let Some(i) = kv.nodes.iter().position(|n| n.meta.key == object) {
+            let n = kv.nodes.remove(i);
+            self.touch_node(&n);
+        }
+        let kv = &mut self.reading.kvstore;
+        if let Some(id) = object.strip_prefix("CiliumIdentity ").and_then(|id| id.parse::<u32>().ok()) {
+            kv.identities.remove(&id);
+        }
+        kv.malformed.retain(|m| decode::object_of(&m.meta.key) != object);
+    }
+
+    fn insert_object(&mut self, d: DecodedObject) {
+        let DecodedObject { object, ips, node, identity, malformed } = d;
+        let kv = &mut self.reading.kvstore;
+        if !ips.is_empty() {
+            let at: Box<[u32]> = (kv.ips.len()..kv.ips.len() + ips.len()).map(|i| i as u32).collect();
+            for e in &ips {
+                self.touched.insert(e.prefix);
+                self.other_spaces += usize::from(!e.meta.key.starts_with(DEFAULT_SPACE));
+            }
+            for e in &ips {
+                self.count_identity(e.identity, 1);
+            }
+            self.reading.kvstore.ips.extend(ips);
+            self.objects.insert(object.into(), at);
+        }
+        let kv = &mut self.reading.kvstore;
+        if let Some(n) = node {
+            // Sorted by reference, as listed: dumps stay stable.
+            let i = kv.nodes.partition_point(|x| x.meta.key < n.meta.key);
+            self.touch_node(&n);
+            self.reading.kvstore.nodes.insert(i, n);
+        }
+        let kv = &mut self.reading.kvstore;
+        if let Some(i) = identity {
+            kv.identities.insert(i.id, i);
+        }
+        kv.malformed.extend(malformed);
+    }
+
+    /// A node entry came or went: its prefixes are re-checked (all, for this node's own).
+    fn touch_node(&mut self, n: &NodeEntry) {
+        if n.name == self.node_name && n.cluster == self.cluster {
+            // This node's addresses decide which pods are local: everything may change.
+            self.full = true;
+        } else {
+            self.touched.extend(node_prefixes(n));
+        }
+    }
+
+    /// Identities come from CiliumIdentity objects (beside a kvstore): the kvstore's are
+    /// dropped, and its identity keys ignored from now on.
+    pub fn take_identities_from_objects(&mut self) {
+        self.identities_from_objects = true;
+        let kv = &mut self.reading.kvstore;
+        kv.identities.clear();
+        kv.identity_references.clear();
+        kv.counts.identities = 0;
+        kv.origin.identities = StateSource::Kubernetes;
+        kv.origin.identities_unread = None;
     }
 
     fn sort_ipcache(&mut self) {
@@ -220,31 +393,6 @@ impl LiveCheck {
         self.count_identity_users();
         self.full = true;
         self.reread = false;
-    }
-
-    pub fn replace_kvstore(&mut self, mut kvstore: KvstoreSnapshot) {
-        kvstore.held_nodes = std::mem::take(&mut self.reading.kvstore.held_nodes);
-        self.reading.kvstore = kvstore;
-        self.reading.kvstore_read_at = chrono::Utc::now();
-        self.index_kvstore();
-        self.count_identity_users();
-        self.full = true;
-    }
-
-    /// CRD mode: the objects as the Kubernetes watch now holds them, and the ipcache prefixes its
-    /// events touched (re-checked); a change of this node's own CiliumNode re-checks all.
-    pub fn replace_objects(&mut self, kvstore: KvstoreSnapshot, touched: &[IpNet], own_node: bool) {
-        self.reading.kvstore = kvstore;
-        self.reading.kvstore_read_at = chrono::Utc::now();
-        self.index_kvstore();
-        self.count_identity_users();
-        self.touched.extend(touched.iter().copied());
-        self.full |= own_node;
-    }
-
-    /// Identities kept as CiliumIdentity objects (beside a kvstore): `fill` puts them in.
-    pub fn set_identities(&mut self, fill: impl FnOnce(&mut KvstoreSnapshot)) {
-        fill(&mut self.reading.kvstore);
     }
 
     /// New interface addresses: local addresses feed the expectations, so a full re-check
@@ -325,6 +473,9 @@ impl LiveCheck {
     pub fn apply_kvstore(&mut self, changes: &[Change], revision: i64) {
         for c in changes {
             let key = c.key();
+            if self.identities_from_objects && key.starts_with(IDENTITIES_PREFIX) {
+                continue;
+            }
             self.touch_key(key);
             if key.starts_with(NODES_PREFIX) {
                 match c {
@@ -362,33 +513,20 @@ impl LiveCheck {
                 self.touched.insert(e.prefix);
             }
         } else if key.starts_with(NODES_PREFIX) {
-            let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key) else { return };
-            if n.name == self.node_name && n.cluster == self.cluster {
-                // This node's addresses decide which pods are local: everything may change.
-                self.full = true;
-            } else {
-                self.touched.extend(node_prefixes(n));
-            }
+            let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key).cloned() else { return };
+            self.touch_node(&n);
         }
     }
 
     fn remove_key(&mut self, key: &str) {
-        if let Some(id) = self.ip_at.get(key).map(|i| self.reading.kvstore.ips[*i].identity) {
-            self.count_identity(id, -1);
-        }
-        let snap = &mut self.reading.kvstore;
         if key.starts_with(IP_PREFIX) {
             if let Some(i) = self.ip_at.remove(key) {
                 self.hosted.remove(key);
-                self.other_spaces -= usize::from(!key.starts_with(DEFAULT_SPACE));
-                snap.ips.swap_remove(i);
-                if let Some(moved) = snap.ips.get(i) {
-                    self.ip_at.insert(Box::from(moved.meta.key.as_str()), i);
-                }
+                self.swap_remove_ip(i);
             }
-            snap.malformed.retain(|m| m.meta.key != key);
+            self.reading.kvstore.malformed.retain(|m| m.meta.key != key);
         } else {
-            snap.remove_key(key);
+            self.reading.kvstore.remove_key(key);
         }
     }
 
@@ -481,6 +619,15 @@ impl LiveCheck {
         self.full = false;
         out
     }
+}
+
+/// Whether `a` and `b` differ at most in their revision (an object's resourceVersion).
+fn same_but_revision<T: Clone + PartialEq>(a: &T, b: &T, meta: impl Fn(&mut T) -> &mut KvMeta) -> bool {
+    let mut a = a.clone();
+    let mut b2 = b.clone();
+    meta(&mut a).mod_revision = 0;
+    meta(&mut b2).mod_revision = 0;
+    a == b2
 }
 
 /// The `ip/v1` address space Cilium writes every entry in.

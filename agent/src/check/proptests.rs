@@ -457,3 +457,92 @@ fn identities_of_other_clusters_and_reserved_ones_are_not_required() {
     let f: Vec<_> = ids(&findings(&w)).into_iter().filter(|(k, _)| *k == super::kinds::FindingKind::IdentityMissing).collect();
     assert!(f.is_empty(), "{f:?}");
 }
+
+/// `w` with its pod IPs as CRD mode holds them: each node's pods in one CiliumEndpointSlice
+/// (several entries per object, as CES mode gives).
+fn as_objects(mut w: World) -> World {
+    for e in &mut w.kv.ips {
+        let node = e.host_ip.map(|h| h.to_string()).unwrap_or_default();
+        e.meta.key = format!("CiliumEndpoint default/p-{} (CiliumEndpointSlice ces-{node})", e.prefix.addr());
+    }
+    w
+}
+
+/// The watch's view of `b`: every object applied again (a new resourceVersion; unchanged ones
+/// must change nothing), those `a` had and `b` lacks deleted.
+fn object_changes(a: &World, b: &World) -> Vec<crate::k8s::watch::ObjectChange> {
+    use crate::k8s::decode::object_of;
+    use crate::k8s::watch::{DecodedObject, ObjectChange};
+    let group = |w: &World| -> BTreeMap<String, Vec<IpEntry>> {
+        let mut g: BTreeMap<String, Vec<IpEntry>> = BTreeMap::new();
+        for e in &w.kv.ips {
+            g.entry(object_of(&e.meta.key).to_owned()).or_default().push(e.clone());
+        }
+        g
+    };
+    let (old, new) = (group(a), group(b));
+    let mut out: Vec<ObjectChange> = old.keys().filter(|o| !new.contains_key(*o)).map(|o| ObjectChange::Delete(o.clone())).collect();
+    for (object, mut ips) in new {
+        for e in &mut ips {
+            e.meta.mod_revision += 1;
+        }
+        out.push(ObjectChange::Apply(DecodedObject { object, ips, ..Default::default() }));
+    }
+    out
+}
+
+proptest! {
+    #[test]
+    fn incremental_rechecks_agree_with_a_full_check_in_crd_mode(w in arb_world(), ms in prop::collection::vec(arb_mutation(), 1..4)) {
+        let w = as_objects(w);
+        let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+        let mut known = ids(&live.recheck().findings);
+        let mut cur = w;
+        for m in &ms {
+            let mut next = cur.clone();
+            apply(&mut next, m);
+            let (dp, kv) = changes_between(&cur, &next);
+            live.apply_datapath(&dp);
+            live.apply_kvstore(&kv.into_iter().filter(|c| !crate::k8s::decode::is_object_ref(c.key())).collect::<Vec<_>>(), 11);
+            live.apply_objects(object_changes(&cur, &next));
+            let r = live.recheck();
+            known.retain(|id| !r.scope.covers(id));
+            known.extend(ids(&r.findings));
+            prop_assert_eq!(&known, &ids(&findings(&next)), "after {:?} (scope {:?})", m, r.scope);
+            // The objects' entries are held once each, as the watch last gave them.
+            let mut held: Vec<(String, IpNet, u32)> = live.reading().kvstore.ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
+            let mut want: Vec<(String, IpNet, u32)> = next.kv.ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
+            held.sort();
+            want.sort();
+            prop_assert_eq!(held, want);
+            cur = next;
+        }
+        prop_assert_eq!(ids(&live.recheck_all().findings), ids(&findings(&cur)));
+    }
+}
+
+/// An object applied again with only a new resourceVersion touches nothing; a changed one
+/// touches its prefixes; a deleted slice takes all its endpoints' entries.
+#[test]
+fn objects_applied_again_unchanged_touch_nothing() {
+    use crate::k8s::watch::{DecodedObject, ObjectChange};
+    let w = as_objects(world(&[vec![0], vec![1, 2, 3]], Layout::V1_17));
+    let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+    live.recheck();
+    let slice = "CiliumEndpointSlice ces-192.168.0.2";
+    let mut ips: Vec<IpEntry> = w.kv.ips.iter().filter(|e| e.meta.key.ends_with("(CiliumEndpointSlice ces-192.168.0.2)")).cloned().collect();
+    assert_eq!(ips.len(), 3);
+    for e in &mut ips {
+        e.meta.mod_revision = 99;
+    }
+    live.apply_objects(vec![ObjectChange::Apply(DecodedObject { object: slice.into(), ips: ips.clone(), ..Default::default() })]);
+    assert_eq!(live.recheck().scope, Scope::Prefixes(Default::default()));
+    assert!(live.reading().kvstore.ips.iter().filter(|e| e.meta.key.ends_with("ces-192.168.0.2)")).all(|e| e.meta.mod_revision == 99), "brought to the new resourceVersion");
+    ips[1].identity = 1007;
+    live.apply_objects(vec![ObjectChange::Apply(DecodedObject { object: slice.into(), ips, ..Default::default() })]);
+    let Scope::Prefixes(touched) = live.recheck().scope else { panic!("a scoped re-check") };
+    assert_eq!(touched.len(), 3, "{touched:?}");
+    live.apply_objects(vec![ObjectChange::Delete(slice.into())]);
+    live.recheck();
+    assert_eq!(live.reading().kvstore.ips.len(), 1, "only node 1's pod is left");
+}

@@ -27,6 +27,15 @@ pub fn is_object_ref(key: &str) -> bool {
     key.starts_with("Cilium")
 }
 
+/// The watched object an entry's reference names: the CiliumEndpointSlice for one of its
+/// endpoints (`CiliumEndpoint ns/name (CiliumEndpointSlice ces-1)`), else the reference itself.
+pub fn object_of(key: &str) -> &str {
+    match key.strip_suffix(')').and_then(|k| k.rfind(" (CiliumEndpointSlice ").map(|i| &k[i + 2..])) {
+        Some(slice) => slice,
+        None => key,
+    }
+}
+
 fn meta_of(kind: &str, m: &ObjectMeta) -> KvMeta {
     let name = m.name.as_deref().unwrap_or_default();
     KvMeta {
@@ -182,6 +191,14 @@ pub fn decode_identity(ci: &CiliumIdentity, snap: &mut KvstoreSnapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_of_names_the_watched_object() {
+        assert_eq!(object_of("CiliumEndpoint default/pod-a"), "CiliumEndpoint default/pod-a");
+        assert_eq!(object_of("CiliumEndpoint default/pod-a (CiliumEndpointSlice ces-x1)"), "CiliumEndpointSlice ces-x1");
+        assert_eq!(object_of("CiliumNode n1"), "CiliumNode n1");
+        assert_eq!(object_of("cilium/state/ip/v1/default/10.0.0.1"), "cilium/state/ip/v1/default/10.0.0.1");
+    }
 
     fn items<T: serde::de::DeserializeOwned>(json: &str) -> Vec<T> {
         let v: serde_json::Value = serde_json::from_str(json).expect("fixture JSON");
