@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// How often an idle watch gets a bookmark (the kube-apiserver's `bookmarkFrequency`).
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The four Cilium resources: plural → (group version, list kind).
 const RESOURCES: [(&str, &str, &str); 4] = [
     ("ciliumendpoints", "cilium.io/v2", "CiliumEndpointList"),
@@ -289,6 +292,7 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
         }
         let deadline = std::time::Instant::now() + timeout;
         let mut sent = from;
+        let mut last_bookmark = std::time::Instant::now();
         loop {
             let mut events = Vec::new();
             for h in st.objects.get(plural).into_iter().flat_map(BTreeMap::values) {
@@ -319,7 +323,10 @@ fn serve(mut conn: TcpStream, store: &(Mutex<Store>, Condvar), stop: &AtomicBool
             if stop.load(Ordering::Relaxed) || std::time::Instant::now() >= deadline || st.compacted > from {
                 return;
             }
-            if bookmarks {
+            // As a real kube-apiserver does: a bookmark about once a minute, so an idle watch
+            // carries nothing for that long (a client's read timeout must allow for it).
+            if bookmarks && last_bookmark.elapsed() >= BOOKMARK_INTERVAL {
+                last_bookmark = std::time::Instant::now();
                 let b = json!({"type": "BOOKMARK", "object": {"kind": list_kind.trim_end_matches("List"), "apiVersion": group_version, "metadata": {"resourceVersion": sent.to_string()}}});
                 if writeln!(conn, "{b}").is_err() {
                     return;

@@ -210,6 +210,7 @@ fn agent_in_crd_mode_watches_the_kubernetes_api() {
     use std::time::Duration;
     let (node, api, cm) = crd_mode_node();
     let kubeconfig = api.kubeconfig_str();
+    let started = std::time::Instant::now();
     let agent = Agent::start(&node, &["--cilium-config-map", &cm, "--kubeconfig", &kubeconfig, "--kube-page-size", "2"]);
     let h = agent.wait_health("ok", "not used (CRD mode)", Duration::from_secs(10));
     assert!(h["sources"].as_str().unwrap().contains("endpoints: kubernetes, identities: kubernetes (ciliumendpoints 4, ciliumidentities 3, ciliumnodes 2)"), "{h}");
@@ -243,6 +244,13 @@ fn agent_in_crd_mode_watches_the_kubernetes_api() {
     // The watch, not relists, carried that.
     let lists_after = api.requests()[pod31..].iter().filter(|(_, v)| v == "list").count();
     assert_eq!(lists_after, 0, "{:?}", api.requests());
+
+    // Idle watches stay open past --kube-timeout (10 s): like a real apiserver, the test server
+    // sends nothing on an idle watch for a minute (a real kube-apiserver broke watches that a
+    // read timeout of 10 s cut every 10 s).
+    std::thread::sleep(Duration::from_secs(13).saturating_sub(started.elapsed()));
+    assert_eq!(agent.count("kubernetes-watch-error"), 0);
+    assert_eq!(api.requests().iter().filter(|(_, v)| v == "watch").count(), 3, "one watch per kind: {:?}", api.requests());
 
     // A compacted watch: the watcher relists (and stays consistent).
     api.compact();

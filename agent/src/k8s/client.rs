@@ -66,6 +66,9 @@ pub fn configured(opts: &KubeOptions) -> Option<String> {
     std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| "in-cluster ServiceAccount".to_owned())
 }
 
+/// One read may wait this long: beyond kube-rs's watch timeout (290 s).
+const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(295);
+
 /// A client for `opts`; `Ok(None)` when there is no Kubernetes API to read (`auto` without a
 /// kubeconfig or ServiceAccount, or `off`).
 pub async fn connect(opts: &KubeOptions) -> Result<Option<kube::Client>, K8sError> {
@@ -83,8 +86,11 @@ pub async fn connect(opts: &KubeOptions) -> Result<Option<kube::Client>, K8sErro
         }
         None => kube::Config::incluster().map_err(|e| fail(e.to_string()))?,
     };
+    // An idle watch carries nothing for a minute or more (bookmarks come about once a minute;
+    // the server ends the watch after 290 s): the read timeout only catches a dead connection.
+    // A list page has its own deadline (`list_each`).
     config.connect_timeout = Some(opts.timeout);
-    config.read_timeout = Some(opts.timeout);
+    config.read_timeout = Some(WATCH_READ_TIMEOUT.max(opts.timeout));
     config.write_timeout = Some(opts.timeout);
     kube::Client::try_from(config).map(Some).map_err(|e| fail(e.to_string()))
 }

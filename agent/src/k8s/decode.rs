@@ -230,6 +230,26 @@ mod tests {
         assert_eq!(i.meta.key, "CiliumIdentity 25143");
     }
 
+    /// CiliumEndpointSlices the real cilium-operator 1.16.15 batched from the CEPs (pod-a, the
+    /// agent's own; pod-remote, applied by hand as another node's agent would write it).
+    #[test]
+    fn real_endpoint_slices() {
+        let mut snap = KvstoreSnapshot::default();
+        for ces in items::<CiliumEndpointSlice>(include_str!("../../../tests/data/k8s/v1.16.15-ces/ciliumendpointslices.json")) {
+            decode_endpoint_slice(&ces, &mut snap);
+        }
+        assert!(snap.malformed.is_empty(), "{:?}", snap.malformed);
+        let got: Vec<_> = snap.ips.iter().map(|e| (e.meta.key.as_str(), e.prefix.to_string(), e.host_ip, e.identity, e.meta.mod_revision)).collect();
+        assert_eq!(
+            got,
+            [
+                ("CiliumEndpoint default/pod-a (CiliumEndpointSlice ces-5zjq4fjll-4plrp)", "10.6.1.169/32".to_owned(), "10.5.1.132".parse().ok(), 20638, 205),
+                ("CiliumEndpoint default/pod-remote (CiliumEndpointSlice ces-7pcdvgt5k-qp2gm)", "10.6.7.20/32".to_owned(), "10.5.1.133".parse().ok(), 28511, 215),
+            ]
+        );
+        assert_eq!(object_of(&snap.ips[1].meta.key), "CiliumEndpointSlice ces-7pcdvgt5k-qp2gm");
+    }
+
     #[test]
     fn what_cilium_skips_or_defaults() {
         let cep = |status: serde_json::Value| -> CiliumEndpoint { serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "ns"}, "status": status})).expect("CEP") };
