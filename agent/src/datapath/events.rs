@@ -64,46 +64,79 @@ pub enum Entry {
     Tunnel(tunnel::TunnelEntry),
 }
 
-/// Raw key → raw value, as last seen. Stored inline in fixed-size arrays: a 500k-entry
-/// ipcache costs ~37 B per entry instead of ~110 B with two heap allocations each.
+/// Raw key → raw value, as last seen.
 trait RawMirror: Send {
     fn get(&self, key: &[u8]) -> Option<&[u8]>;
     fn set(&mut self, key: &[u8], value: Option<&[u8]>);
+    /// Replaces the whole content (the first read of the map).
+    fn fill(&mut self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>);
     fn keys(&self) -> Vec<Vec<u8>>;
 }
 
-struct FixedMirror<const K: usize, const V: usize>(HashMap<[u8; K], [u8; V]>);
+/// Changes kept aside before they are merged into the sorted entries.
+const MAX_MIRROR_CHANGES: usize = 16_384;
+
+/// Fixed-size keys and values inline, sorted by key (binary search), with the changes since the
+/// last merge in a small map: a 500k-entry ipcache costs 36 B per entry (a hash map of the same
+/// entries, at its load factor, costs twice that).
+struct FixedMirror<const K: usize, const V: usize> {
+    sorted: Vec<([u8; K], [u8; V])>,
+    /// `None` = removed.
+    changed: HashMap<[u8; K], Option<[u8; V]>>,
+}
+
+impl<const K: usize, const V: usize> FixedMirror<K, V> {
+    fn new() -> Self {
+        FixedMirror { sorted: Vec::new(), changed: HashMap::new() }
+    }
+
+    fn merge(&mut self) {
+        let changed = std::mem::take(&mut self.changed);
+        self.sorted.retain(|(k, _)| !changed.contains_key(k));
+        self.sorted.extend(changed.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        self.sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    }
+}
 
 impl<const K: usize, const V: usize> RawMirror for FixedMirror<K, V> {
     fn get(&self, key: &[u8]) -> Option<&[u8]> {
         let k: [u8; K] = key.try_into().ok()?;
-        self.0.get(&k).map(|v| v.as_slice())
+        match self.changed.get(&k) {
+            Some(v) => v.as_ref().map(|v| v.as_slice()),
+            None => self.sorted.binary_search_by(|(x, _)| x.cmp(&k)).ok().map(|i| self.sorted[i].1.as_slice()),
+        }
     }
 
     fn set(&mut self, key: &[u8], value: Option<&[u8]>) {
         let Ok(k) = <[u8; K]>::try_from(key) else { return };
-        match value.and_then(|v| <[u8; V]>::try_from(v).ok()) {
-            Some(v) => {
-                self.0.insert(k, v);
-            }
-            None => {
-                self.0.remove(&k);
-            }
+        self.changed.insert(k, value.and_then(|v| <[u8; V]>::try_from(v).ok()));
+        if self.changed.len() > MAX_MIRROR_CHANGES {
+            self.merge();
         }
     }
 
+    fn fill(&mut self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>) {
+        self.changed.clear();
+        self.sorted = entries.filter_map(|(k, v)| Some((<[u8; K]>::try_from(k).ok()?, <[u8; V]>::try_from(v).ok()?))).collect();
+        self.sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // A map holds each key once; a read racing with updates may not.
+        self.sorted.dedup_by(|a, b| a.0 == b.0);
+        self.sorted.shrink_to_fit();
+    }
+
     fn keys(&self) -> Vec<Vec<u8>> {
-        self.0.keys().map(|k| k.to_vec()).collect()
+        let kept = self.sorted.iter().map(|(k, _)| k).filter(|k| !self.changed.contains_key(*k));
+        kept.chain(self.changed.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k)).map(|k| k.to_vec()).collect()
     }
 }
 
 /// A mirror for a map of Cilium's shapes (validated when the map was opened).
 fn mirror_for(key_size: u32, value_size: u32) -> Box<dyn RawMirror> {
     match (key_size, value_size) {
-        (24, 12) => Box::new(FixedMirror::<24, 12>(HashMap::new())),
-        (24, 24) => Box::new(FixedMirror::<24, 24>(HashMap::new())),
-        (20, 48) => Box::new(FixedMirror::<20, 48>(HashMap::new())),
-        _ => Box::new(FixedMirror::<20, 20>(HashMap::new())),
+        (24, 12) => Box::new(FixedMirror::<24, 12>::new()),
+        (24, 24) => Box::new(FixedMirror::<24, 24>::new()),
+        (20, 48) => Box::new(FixedMirror::<20, 48>::new()),
+        _ => Box::new(FixedMirror::<20, 20>::new()),
     }
 }
 
@@ -241,9 +274,7 @@ impl ChangeFeed {
         };
         for w in &mut watched {
             let raw = w.map.read_all(opts.strategy)?;
-            for (k, v) in raw.iter() {
-                w.mirror.set(k, Some(v));
-            }
+            w.mirror.fill(&mut raw.iter());
         }
         Ok(ChangeFeed { layout, maps: watched, source, fallback_reason, next_poll: None })
     }
@@ -479,5 +510,40 @@ mod ebpf {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sorted mirror with its overlay answers as a plain map would, across merges.
+    #[test]
+    fn mirror_agrees_with_a_map() {
+        let mut m = FixedMirror::<2, 1>::new();
+        let mut model: std::collections::BTreeMap<[u8; 2], [u8; 1]> = Default::default();
+        let initial: Vec<([u8; 2], [u8; 1])> = (0..100u8).map(|i| ([i, 7], [i])).collect();
+        m.fill(&mut initial.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        model.extend(initial.iter().copied());
+        // Enough changes for several merges; keys removed, re-added and changed.
+        for step in 0..(3 * MAX_MIRROR_CHANGES as u32) {
+            let k = [(step % 251) as u8, (step % 3) as u8 + 6];
+            if step % 5 == 0 {
+                m.set(&k, None);
+                model.remove(&k);
+            } else {
+                m.set(&k, Some(&[(step % 256) as u8]));
+                model.insert(k, [(step % 256) as u8]);
+            }
+        }
+        for k in (0..=255u8).flat_map(|a| (5..10u8).map(move |b| [a, b])) {
+            assert_eq!(m.get(&k), model.get(&k).map(|v| v.as_slice()), "{k:?}");
+        }
+        let mut keys = m.keys();
+        keys.sort();
+        assert_eq!(keys, model.keys().map(|k| k.to_vec()).collect::<Vec<_>>());
+        // Keys of the wrong size are not Cilium's: ignored.
+        m.set(&[1, 2, 3], Some(&[1]));
+        assert_eq!(m.get(&[1, 2, 3]), None);
     }
 }
