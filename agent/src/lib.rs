@@ -5,6 +5,7 @@
 //! the Cilium vocabulary they share; `check` derives and diffs; `report` renders for people.
 
 pub mod agent;
+pub mod backoff;
 pub mod check;
 pub mod cilium;
 pub mod datapath;

@@ -215,3 +215,64 @@ fn agent_polls_when_change_events_are_off_and_says_so_once() {
     }
     reopens_maps_after_cilium_recreates_them(&["--no-ebpf", "--poll-interval", "200ms"], "poll");
 }
+
+/// The agent listens on the host network: a client sending its headers slowly is cut off after
+/// the header timeout (5 s), and connections over the cap (32) are closed on accept while the
+/// open ones are still served.
+#[test]
+fn agent_http_endpoints_resist_slow_and_many_clients() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    if !require_root("agent_http_endpoints_resist_slow_and_many_clients") {
+        return;
+    }
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let agent = Agent::start(&node, &[]);
+    agent.wait_for("node-health", None, None, Duration::from_secs(5));
+    assert_eq!(http_get(agent.port, "/healthz"), Some((200, "ok\n".into())));
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // Slow headers: a line every 2 s, never the blank line that ends them.
+    let mut slow = connect();
+    let started = Instant::now();
+    let mut closed_after = None;
+    write!(slow, "GET /metrics HTTP/1.1\r\n").unwrap();
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_secs(2));
+        if write!(slow, "X-Slow-{i}: 1\r\n").is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 256];
+        slow.set_nonblocking(true).unwrap();
+        let r = slow.read(&mut buf);
+        slow.set_nonblocking(false).unwrap();
+        if matches!(r, Ok(_)) {
+            // EOF or the server's timeout response: the connection is done.
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("a slow client was not cut off within 16 s");
+    assert!(closed_after >= Duration::from_secs(4) && closed_after <= Duration::from_secs(9), "cut off after {closed_after:?}");
+
+    // The cap: 32 open connections (one of them used), the 33rd closed at once.
+    let mut open: Vec<TcpStream> = (0..32).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = connect();
+    let mut buf = [0u8; 64];
+    let _ = write!(extra, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)), "a 33rd connection was served");
+    let used = &mut open[0];
+    write!(used, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    used.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    drop(open);
+    // Freed connections make room again.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http_get(agent.port, "/metrics").map(|(c, _)| c), Some(200));
+}

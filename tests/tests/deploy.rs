@@ -55,6 +55,21 @@ fn manifests_validate_against_the_kubernetes_schema() {
     }
     // Kubernetes access is read-only and only to Cilium's four resources.
     let docs: Vec<serde_json::Value> = yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str(d).ok()).collect();
+    // Least privilege on the node: default seccomp, BPF and PERFMON only, nothing created on
+    // the host, the etcd client key readable by its owner only.
+    let pod = &docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["capabilities"]["add"], serde_json::json!(["BPF", "PERFMON"]));
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    for v in pod["volumes"].as_array().unwrap() {
+        if let Some(t) = v["hostPath"]["type"].as_str() {
+            assert_eq!(t, "Directory", "{v}");
+        }
+        if v["secret"].is_object() {
+            assert_eq!(v["secret"]["defaultMode"], 0o400, "{v}");
+        }
+    }
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").expect("a ClusterRole");
     let rules = role["rules"].as_array().unwrap();
     assert_eq!(rules.len(), 1, "{role}");

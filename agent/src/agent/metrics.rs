@@ -69,6 +69,10 @@ pub struct Metrics {
     pub kubernetes_objects: Family<ResourceLabel, Gauge>,
     /// The Cilium agent line of /readyz's body.
     pub cilium_note: Mutex<String>,
+    /// When the agent loop last made progress (Unix ms) and how long without it means stuck
+    /// (0: not watched yet): /healthz fails then, so the kubelet restarts a stuck agent.
+    loop_beat_ms: AtomicU64,
+    stall_after_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -94,6 +98,8 @@ impl Metrics {
             state_source: Family::default(),
             kubernetes_objects: Family::default(),
             cilium_note: Mutex::new("cilium: not observed yet".to_owned()),
+            loop_beat_ms: AtomicU64::new(0),
+            stall_after_ms: AtomicU64::new(0),
         };
         registry.register("findings", "Open findings by kind", m.findings.clone());
         registry.register("check_duration_seconds", "Duration of a full check", m.check_duration.clone());
@@ -117,6 +123,19 @@ impl Metrics {
         let registry = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    /// The agent loop made progress at `now`; without more for `stall_after` it is stuck.
+    pub fn beat(&self, now: std::time::SystemTime, stall_after: std::time::Duration) {
+        self.loop_beat_ms.store(unix_ms(now), Ordering::Relaxed);
+        self.stall_after_ms.store(u64::try_from(stall_after.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long ago the loop last made progress, when that is longer than allowed.
+    pub fn loop_stalled(&self, now: std::time::SystemTime) -> Option<std::time::Duration> {
+        let (beat, allowed) = (self.loop_beat_ms.load(Ordering::Relaxed), self.stall_after_ms.load(Ordering::Relaxed));
+        let age = unix_ms(now).saturating_sub(beat);
+        (allowed > 0 && age > allowed).then(|| std::time::Duration::from_millis(age))
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -145,13 +164,50 @@ impl Metrics {
     }
 }
 
-/// Serves the endpoints until the returned task is aborted.
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A client has this long to send a request's headers (slow senders are cut off).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A connection, kept alive or not, is closed after this long.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections served at once; more are closed on accept (scrapes and probes need a few).
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// Serves the endpoints until the returned task is aborted: HTTP/1.1 with a header-read timeout,
+/// a lifetime per connection and a cap on concurrent connections (the agent listens on the host
+/// network).
 pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let app = router(metrics);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "HTTP connection refused: {MAX_CONNECTIONS} already open");
+                drop(stream);
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                drop(permit);
+            });
+        }
+    }))
+}
+
+fn router(metrics: Arc<Metrics>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
-    let m1 = metrics.clone();
-    let m2 = metrics;
-    let app = axum::Router::new()
+    let (m1, m2, m3) = (metrics.clone(), metrics.clone(), metrics);
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -159,7 +215,18 @@ pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
                 async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let m = m3.clone();
+                async move {
+                    match m.loop_stalled(std::time::SystemTime::now()) {
+                        None => (StatusCode::OK, "ok\n".to_owned()),
+                        Some(age) => (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: the agent loop last ran {}s ago\n", age.as_secs())),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -173,9 +240,24 @@ pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
                     }
                 }
             }),
-        );
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// /healthz: healthy until the loop has gone longer than allowed without progress.
+    #[test]
+    fn a_stuck_loop_fails_healthz() {
+        let m = Metrics::new("n");
+        let t0 = SystemTime::now();
+        assert_eq!(m.loop_stalled(t0 + Duration::from_secs(3600)), None, "not watched before the loop starts");
+        m.beat(t0, Duration::from_secs(300));
+        assert_eq!(m.loop_stalled(t0 + Duration::from_secs(299)), None);
+        assert_eq!(m.loop_stalled(t0 + Duration::from_secs(301)), Some(Duration::from_secs(301)));
+        m.beat(t0 + Duration::from_secs(301), Duration::from_secs(300));
+        assert_eq!(m.loop_stalled(t0 + Duration::from_secs(302)), None, "progress again");
+    }
 }

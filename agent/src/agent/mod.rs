@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::check::kinds::FindingKind;
 use crate::check::live::{LiveCheck, Recheck, Scope};
 use crate::check::run::{self, CheckOptions, Reading};
@@ -191,6 +192,10 @@ impl State {
         }
     }
 }
+
+/// Beyond twice the health interval, how long the agent loop may go without progress before
+/// /healthz says it is stuck (a start waits up to KUBERNETES_SYNC_TIMEOUT for the lists).
+const STALL_MARGIN: Duration = Duration::from_secs(180);
 
 /// How long the Kubernetes watch may take to list every kind before the agent gives up and
 /// starts over.
@@ -458,7 +463,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut next_pin_check = Instant::now() + PIN_CHECK_INTERVAL;
     let mut retry_at = Instant::now();
     metrics.etcd_endpoints.set(opts.check.etcd.endpoints.len() as i64);
+    // The loop runs at least every health interval; a start (Kubernetes lists, etcd, a large
+    // map read) may take up to a few minutes. Longer without progress is a stuck agent.
+    let stall_after = opts.health_interval.saturating_mul(2).saturating_add(STALL_MARGIN);
+    // Start-overs and watch resumes back off with jitter (a DaemonSet's agents lose etcd together).
+    let mut restart = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut resume = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
+        metrics.beat(std::time::SystemTime::now(), stall_after);
         // (Re)build the live sources when missing: etcd down at start, Cilium restarting...
         if live.is_none() && Instant::now() >= retry_at {
             let agent_config = state.agent_config();
@@ -476,10 +488,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                     next_resync = Instant::now() + jitter(opts.resync);
                     live = Some(l);
+                    restart.reset();
                 }
                 Err(e) => {
                     state.last_error = Some(format!("{e:#}"));
-                    retry_at = Instant::now() + Duration::from_secs(2);
+                    retry_at = Instant::now() + restart.next_delay();
                 }
             }
             state.set_status(live.as_ref());
@@ -528,6 +541,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         }
                         l.check.apply_kvstore(&b.changes, b.revision);
                         dirty_since.get_or_insert(Instant::now());
+                        resume.reset();
                     }
                     Err(e) => {
                         tracing::warn!(event = "kvstore-watch-error", error = %e, "kvstore watch interrupted; resuming");
@@ -536,7 +550,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                             metrics.etcd_connected.set(h.connected as i64);
                         }
                         state.set_status(live.as_ref());
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(resume.next_delay()).await;
                     }
                 },
                 changes = l.feed.next() => match changes {

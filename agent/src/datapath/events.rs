@@ -428,6 +428,17 @@ mod ebpf {
         lost_seen: u64,
     }
 
+    /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB in a container): lift it
+    /// when allowed (CAP_SYS_RESOURCE, opt-in in deploy/). Later kernels charge the memory
+    /// cgroup; without the capability this fails and the load says why if it must.
+    fn raise_memlock() {
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: a valid rlimit for the calling process.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "RLIMIT_MEMLOCK not raised (only kernels before 5.11 need it)");
+        }
+    }
+
     fn ensure_tracefs() {
         let dir = Path::new("/sys/kernel/tracing");
         if dir.join("events").exists() {
@@ -445,6 +456,7 @@ mod ebpf {
             let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| format!("no kernel BTF (/sys/kernel/btf/vmlinux: {e})"))?;
             let off = KernelOffsets::from_btf(&Btf::parse(&btf).map_err(|e| format!("kernel BTF: {e}"))?).map_err(|e| format!("kernel BTF: {e}"))?;
             ensure_tracefs();
+            raise_memlock();
             let mut ebpf = aya::EbpfLoader::new()
                 .override_global("OFF_TASK_FILES", &off.task_files, true)
                 .override_global("OFF_FILES_FDT", &off.files_fdt, true)

@@ -120,6 +120,18 @@ impl Overrides {
     }
 }
 
+/// `msg` with every double-quoted part replaced (YAML errors quote the offending value).
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for (i, part) in msg.split('"').enumerate() {
+        if i > 0 {
+            out.push('"');
+        }
+        out.push_str(if i % 2 == 1 { "<redacted>" } else { part });
+    }
+    out
+}
+
 pub fn split_list(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_owned).collect()
 }
@@ -137,9 +149,10 @@ impl EtcdSettings {
     pub fn from_config_text(text: &str, path: &Path) -> Result<EtcdSettings, ConfigError> {
         let file: EtcdConfigFile = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            // A wrongly typed value may be the password: the message names its place, not it.
+            message: redact_quoted(&e.to_string()),
         })?;
-        Ok(EtcdSettings {
+        let mut s = EtcdSettings {
             endpoints: file.endpoints,
             trusted_ca_file: file.trusted_ca_file.or(file.ca_file),
             cert_file: file.cert_file,
@@ -149,7 +162,24 @@ impl EtcdSettings {
             username: file.username,
             password: file.password.map(Secret::new),
             sources: vec![format!("etcd.config {}", path.display())],
-        })
+        };
+        s.take_url_credentials();
+        Ok(s)
+    }
+
+    /// Moves `user:password@` out of endpoint URLs into the credentials (unless credentials were
+    /// given), so that no endpoint kvcheck prints, logs or reports carries a secret.
+    fn take_url_credentials(&mut self) {
+        for e in &mut self.endpoints {
+            let Some((scheme, rest)) = e.split_once("://") else { continue };
+            let Some((userinfo, host)) = rest.rsplit_once('@') else { continue };
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            if self.username.is_none() && !user.is_empty() {
+                self.username = Some(user.to_owned());
+                self.password = (!password.is_empty()).then(|| Secret::new(password));
+            }
+            *e = format!("{scheme}://{host}");
+        }
     }
 
     /// Applies a higher-precedence source.
@@ -169,6 +199,7 @@ impl EtcdSettings {
         if used.contains(&true) {
             self.sources.push(source.to_owned());
         }
+        self.take_url_credentials();
     }
 
     /// Checks the settings are complete enough to connect.
@@ -231,6 +262,29 @@ mod tests {
         assert_eq!(s.sources, vec!["etcd.config etcd.config", "environment", "flags"]);
         // The password never shows.
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    /// Secrets never reach an endpoint string or an error message.
+    #[test]
+    fn no_secret_in_endpoints_or_errors() {
+        // Userinfo in an endpoint (file, environment, flags) becomes the credentials.
+        let s = EtcdSettings::from_config_text("endpoints: [\"http://kv:s3cr3t@etcd-1:2379\"]\n", Path::new("f")).unwrap();
+        assert_eq!((s.endpoints.as_slice(), s.username.as_deref(), s.password.as_ref().map(Secret::expose)), (&["http://etcd-1:2379".to_owned()][..], Some("kv"), Some("s3cr3t")));
+        let mut s = EtcdSettings::default();
+        s.apply(Overrides::from_env(|k| (k == "ETCDCTL_ENDPOINTS").then(|| "https://a:pw1@e1:2379,https://e2:2379".into())), "environment");
+        assert_eq!(s.endpoints, ["https://e1:2379", "https://e2:2379"]);
+        s.apply(Overrides { endpoints: Some(vec!["http://b:pw2@flag:2379".into()]), ..Default::default() }, "flags");
+        assert_eq!(s.endpoints, ["http://flag:2379"]);
+        // Credentials given on their own win over the URL's; the URL's are still dropped.
+        assert_eq!(s.username.as_deref(), Some("a"));
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+        // A password where YAML wants a bool or a list: the error names the place only.
+        for text in ["insecure-transport: \"hunter2\"\n", "endpoints: hunter2\n", "username: [\"hunter2\"]\n"] {
+            let e = EtcdSettings::from_config_text(text, Path::new("f")).unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("parsing etcd config f"), "{e}");
+        }
     }
 
     #[test]

@@ -12,8 +12,10 @@ use super::values::{self, IdentityEntry, IdentityReference, IpEntry, KvMeta, Mal
 /// 0.17-0.21 s but 66 MB resident; pages of 10k 0.22-0.27 s at 15 MB; pages of 1k 0.75-0.94 s
 /// (3.4 recounts the remaining range on every page). 10k keeps memory flat for a small cost.
 pub const DEFAULT_PAGE_SIZE: i64 = 10_000;
-/// etcd-client refuses responses over 4 MiB by default; a 10k page of Cilium nodes can exceed it.
-pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
+/// etcd-client refuses responses over 4 MiB by default; a 10k page of Cilium nodes (~2 KiB each)
+/// can exceed it. 64 MiB leaves three times that, and stays well under the pod's memory limit
+/// (deploy/kvcheck.yaml) with the decoded page beside it.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ListOptions {

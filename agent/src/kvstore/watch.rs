@@ -13,6 +13,7 @@ use super::config::EtcdSettings;
 use super::health;
 use super::reader::{self, KvstoreSnapshot, ListOptions, SNAPSHOT_PREFIXES};
 use super::values::{KvMeta, KVSTOREMESH_CACHE_PREFIX};
+use crate::backoff::Backoff;
 
 
 /// One key's raw value as etcd holds it.
@@ -131,6 +132,8 @@ pub struct KvstoreWatcher {
     pub relists: u64,
     /// Watch streams opened (1 + reconnects).
     pub streams_opened: u64,
+    /// Delays between failed reconnects (jittered: agents lose etcd together).
+    reconnect: Backoff,
 }
 
 const WATCH_PREFIX: &str = "cilium/";
@@ -138,7 +141,7 @@ const WATCH_PREFIX: &str = "cilium/";
 impl KvstoreWatcher {
     pub async fn start(settings: EtcdSettings, etcd: Etcd, opts: ListOptions) -> Result<KvstoreWatcher, KvstoreError> {
         let mirror = KvstoreMirror::list(&etcd, &opts).await?;
-        Ok(KvstoreWatcher { settings, etcd, opts, mirror, stream: None, relists: 0, streams_opened: 0 })
+        Ok(KvstoreWatcher { settings, etcd, opts, mirror, stream: None, relists: 0, streams_opened: 0, reconnect: Backoff::new(Duration::from_millis(250), Duration::from_secs(10)) })
     }
 
     pub fn mirror(&self) -> &KvstoreMirror {
@@ -217,7 +220,7 @@ impl KvstoreWatcher {
             match health::connect_healthy(&self.settings, self.etcd.timeout).await {
                 Ok((etcd, _)) => self.etcd = etcd,
                 Err(e) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(self.reconnect.next_delay()).await;
                     return Err(e);
                 }
             }
@@ -227,6 +230,7 @@ impl KvstoreWatcher {
         let stream = self.etcd.call(format!("watch {WATCH_PREFIX}"), client.watch(WATCH_PREFIX, Some(opts))).await?;
         self.stream = Some(stream);
         self.streams_opened += 1;
+        self.reconnect.reset();
         Ok(())
     }
 

@@ -591,6 +591,7 @@ fn check_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result<Stri
     let cpu_pct = (cpu_seconds(pid) - c0) / idle.as_secs_f64() * 100.0;
     let (rss_now, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
     stop(agent);
+    within_shipped_limit("the agent (kvstore mode)", hwm)?;
     figs.insert("check_ms", took.as_secs_f64() * 1000.0);
     figs.insert("check_rss_mib", rss as f64 / 1024.0);
     figs.insert("idle_rss_mib", rss_now as f64 / 1024.0);
@@ -674,6 +675,7 @@ fn kubernetes_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result
     std::thread::sleep(idle);
     let (rss_now, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
     stop(agent);
+    within_shipped_limit("the agent (CRD mode)", hwm)?;
     figs.insert("k8s_check_ms", check.as_secs_f64() * 1000.0);
     figs.insert("k8s_check_rss_mib", check_rss as f64 / 1024.0);
     figs.insert("k8s_idle_rss_mib", rss_now as f64 / 1024.0);
@@ -684,6 +686,25 @@ fn kubernetes_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result
         check.as_secs_f64() * 1000.0, check_rss as f64 / 1024.0, check.as_secs_f64() / raw.as_secs_f64(),
         idle.as_secs(), rss_now as f64 / 1024.0, hwm as f64 / 1024.0
     ))
+}
+
+/// The DaemonSet's memory limit (deploy/kvcheck.yaml), in KiB.
+fn shipped_memory_limit_kib() -> Result<u64> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kvcheck.yaml");
+    let yaml = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let ds = yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok()).find(|d| d["kind"] == "DaemonSet").context("no DaemonSet in deploy/kvcheck.yaml")?;
+    let limit = ds["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"].as_str().context("no memory limit")?.to_owned();
+    let mib: u64 = limit.strip_suffix("Mi").and_then(|n| n.parse().ok()).with_context(|| format!("memory limit {limit:?} is not in Mi"))?;
+    Ok(mib * 1024)
+}
+
+/// Fails the bench when a measured peak would have been OOM-killed under the shipped limit.
+fn within_shipped_limit(what: &str, peak_kib: u64) -> Result<()> {
+    let limit = shipped_memory_limit_kib()?;
+    if peak_kib > limit {
+        bail!("{what} peaked at {:.1} MiB, above deploy/kvcheck.yaml's memory limit of {} MiB: raise the limit (and README's sizing table) or bring the peak down", peak_kib as f64 / 1024.0, limit / 1024);
+    }
+    Ok(())
 }
 
 fn stop(mut child: Child) {
