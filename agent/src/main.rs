@@ -193,9 +193,11 @@ enum Dump {
 
 #[derive(Args)]
 struct EtcdOptions {
-    /// Cilium's etcd client configuration (YAML); read when present.
-    #[arg(long, env = "KVCHECK_ETCD_CONFIG", default_value = kvstore::config::DEFAULT_ETCD_CONFIG)]
-    etcd_config: PathBuf,
+    /// etcd client configuration (YAML, Cilium's etcd.config format): comma-separated
+    /// candidates, the first that exists is read (deploy/ lists kvcheck's own read-only user
+    /// first, Cilium's configuration as the fallback).
+    #[arg(long, env = "KVCHECK_ETCD_CONFIG", value_delimiter = ',', default_value = kvstore::config::DEFAULT_ETCD_CONFIG)]
+    etcd_config: Vec<PathBuf>,
     /// etcd endpoints, comma-separated (overrides etcd.config and ETCDCTL_ENDPOINTS).
     #[arg(long, value_delimiter = ',')]
     etcd_endpoints: Option<Vec<String>>,
@@ -248,10 +250,9 @@ impl EtcdOptions {
     /// [`settings`](Self::settings), accepting the validation errors `accept` says may wait.
     fn settings_unless(&self, accept: fn(&kvstore::config::ConfigError) -> bool) -> anyhow::Result<kvstore::config::EtcdSettings> {
         use kvstore::config::{EtcdSettings, Overrides};
-        let mut s = if self.etcd_config.exists() {
-            EtcdSettings::from_config_file(&self.etcd_config)?
-        } else {
-            EtcdSettings::default()
+        let mut s = match self.etcd_config.iter().find(|p| p.exists()) {
+            Some(path) => EtcdSettings::from_config_file(path)?,
+            None => EtcdSettings::default(),
         };
         s.apply(Overrides::from_env(|k| std::env::var(k).ok()), "ETCDCTL_* environment");
         s.apply(
