@@ -238,7 +238,8 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
     // Follow the maps the datapath uses (by id where they are not the pinned ones).
     let mut read = opts.check.datapath.clone();
     read.read_live = first.live_maps.read_live();
-    let feed = ChangeFeed::open(&read, layout, &opts.follow)?;
+    // Reads every map once (a blocking walk): off the async workers.
+    let feed = tokio::task::block_in_place(|| ChangeFeed::open(&read, layout, &opts.follow))?;
     let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
     let mut kvstore = match &watcher {

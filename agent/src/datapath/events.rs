@@ -341,7 +341,8 @@ impl ChangeFeed {
                     for w in &mut self.maps {
                         // Events dropped on a full ring buffer: any map may have changed.
                         if lost || resync.contains(&w.map.meta.id) {
-                            out.extend(w.resync(self.layout, "ebpf")?);
+                            // A whole-map read: off the async workers.
+                            out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "ebpf"))?);
                         }
                     }
                     for ((id, key), ()) in keys {
@@ -361,7 +362,7 @@ impl ChangeFeed {
                     self.next_poll = Some(tokio::time::Instant::now() + *interval);
                     let mut out = Vec::new();
                     for w in &mut self.maps {
-                        out.extend(w.resync(self.layout, "poll")?);
+                        out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "poll"))?);
                     }
                     out
                 }

@@ -184,7 +184,10 @@ pub async fn discover(netns: Option<&Path>, interfaces: &[Interface], pinned: &B
     let netns = netns.map(Path::to_owned);
     let links: Vec<(String, u32)> = interfaces.iter().map(|i| (i.name.clone(), i.ifindex)).collect();
     let pinned = pinned.clone();
-    let walk = std::thread::spawn(move || -> Result<MapsInUse, String> {
+    // Its own thread (setns must not touch a pooled one); awaited, not joined, so the async
+    // workers keep serving while it walks.
+    let (done, walked) = tokio::sync::oneshot::channel();
+    let _ = std::thread::spawn(move || done.send((|| -> Result<MapsInUse, String> {
         if let Some(path) = &netns {
             let file = std::fs::File::open(path).map_err(|e| reason(&format!("opening {}", path.display()), &e))?;
             // SAFETY: setns on this helper thread only; the fd is valid for the call.
@@ -211,8 +214,8 @@ pub async fn discover(netns: Option<&Path>, interfaces: &[Interface], pinned: &B
         out.attached_programs = roots.len();
         out.syscalls = syscalls;
         Ok(out)
-    });
-    let mut out = walk.join().map_err(|_| "the discovery thread panicked".to_owned())??;
+    })()));
+    let mut out = walked.await.map_err(|_| "the discovery thread panicked".to_owned())??;
     out.took_ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(out)
 }
