@@ -58,6 +58,10 @@ struct AgentArgs {
     /// Node-health log line period (also logged on every status change).
     #[arg(long, default_value = "60s", value_parser = kvcheck::options::duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
     health_interval: std::time::Duration,
+    /// A kvstore watch quiet this long is asked for its progress; no answer within
+    /// --etcd-timeout and it is taken as stalled (reconnected, resumed, counted).
+    #[arg(long, default_value = "30s", value_parser = kvcheck::options::duration_in(Duration::from_secs(1), Duration::from_secs(600)))]
+    watch_progress_interval: std::time::Duration,
     #[arg(long, value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Address for /metrics, /healthz and /readyz (clear of Cilium's own ports).
@@ -546,6 +550,7 @@ async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
         grace: args.grace,
         resync: args.resync,
         health_interval: args.health_interval,
+        watch_progress: args.watch_progress_interval,
         listen: args.listen,
         debounce: std::time::Duration::from_millis(100),
     };

@@ -12,6 +12,7 @@ pub mod k8sapi;
 pub mod maps;
 pub mod netns;
 pub mod progs;
+pub mod relay;
 pub mod sample;
 pub mod simcluster;
 pub mod simdata;

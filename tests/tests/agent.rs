@@ -276,3 +276,34 @@ fn agent_http_endpoints_resist_slow_and_many_clients() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(http_get(agent.port, "/metrics").map(|(c, _)| c), Some(200));
 }
+
+/// A watch stream that stays open but delivers nothing (the connection frozen on its path while
+/// fresh connections, and so the health probes, still answer): the agent asks for progress
+/// after --watch-progress-interval, takes the silence as a stall, reconnects and resumes, and a
+/// change made during the freeze is reported; the stall is counted.
+#[test]
+fn agent_notices_a_stalled_watch_and_resumes() {
+    if !require_root("agent_notices_a_stalled_watch_and_resumes") {
+        return;
+    }
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let target: std::net::SocketAddr = node.etcd.endpoints()[0].trim_start_matches("http://").parse().unwrap();
+    let relay = kvcheck_tests::relay::Relay::start(target);
+    let agent = Agent::start_via(&node, &[relay.endpoint()], "1s", &["--watch-progress-interval", "2s", "--etcd-timeout", "2"]);
+    // The watch is open (a change through it is seen) before its path freezes.
+    let key = "cilium/state/ip/v1/default/10.2.0.87";
+    agent.opens_and_resolves("ipcache-missing", "10.2.0.87/32", || node.etcd_put(key, &ip_json("10.2.0.87", NODE_B_IP, 1000, "node-b", 87)).unwrap(), || node.etcd_del(key).unwrap());
+    relay.freeze_open_connections();
+    let frozen = Instant::now();
+    // Past the relay's in-flight reads (50 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let key = "cilium/state/ip/v1/default/10.2.0.88";
+    node.etcd_put(key, &ip_json("10.2.0.88", NODE_B_IP, 1000, "node-b", 88)).unwrap();
+    let (stall, _) = agent.wait_for("kvstore-watch-error", None, None, Duration::from_secs(15));
+    assert!(stall["error"].as_str().unwrap_or_default().contains("watch stalled"), "{stall}");
+    // Before HTTP/2 keepalive (15 s + the timeout) would have cut the connection.
+    assert!(frozen.elapsed() < Duration::from_secs(12), "stall seen after {:?}", frozen.elapsed());
+    agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.88/32"), Duration::from_secs(15));
+    let metrics = http_get(agent.port, "/metrics").unwrap().1;
+    assert!(metrics.lines().any(|l| l.starts_with("kvcheck_kvstore_watch_stalls_total{") && l.ends_with(" 1")), "{metrics}");
+}

@@ -36,6 +36,8 @@ pub struct AgentOptions {
     /// Full re-read of both sides (jittered ±10 %).
     pub resync: Duration,
     pub health_interval: Duration,
+    /// A quiet kvstore watch is asked for its progress after this long (stall detection).
+    pub watch_progress: Duration,
     pub listen: std::net::SocketAddr,
     /// Wait this long after a change before re-checking (changes come in bursts).
     pub debounce: Duration,
@@ -92,6 +94,8 @@ struct State {
     judging: bool,
     /// Nodes and pod IPs come from Kubernetes objects (no etcd to probe).
     crd_mode: bool,
+    /// Kvstore watch streams given up as stalled (as counted into the metric).
+    watch_stalls: u64,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -141,6 +145,7 @@ impl State {
             format!("endpoints: {}, identities: {}{objects}", o.endpoints.name(), o.identities.name())
         });
         let held = live.map_or(0, |l| l.check.held_nodes().len());
+        let stalls = live.and_then(|l| l.watcher.as_ref()).map_or(0, |w| w.stalls);
         let (maps, layout) = live.map_or((String::new(), String::new()), |l| {
             let dp = &l.check.reading().datapath;
             let mut m = vec![format!("{}={:.3}", dp.ipcache.meta.name, dp.ipcache.fill_ratio), format!("{}={:.3}", dp.endpoints.meta.name, dp.endpoints.fill_ratio)];
@@ -153,7 +158,7 @@ impl State {
         let cilium = self.cilium.as_ref().map_or_else(|| "not observed yet".to_owned(), CiliumAgentState::summary);
         tracing::info!(
             event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, cilium = %cilium, judging = self.judging, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
-            etcd = %etcd, sources = %sources, map_fill = %maps, nodes_in_hold_off = held, last_check = %last, last_check_ms = took as u64, layout = %layout,
+            etcd = %etcd, sources = %sources, map_fill = %maps, nodes_in_hold_off = held, watch_stalls = stalls, last_check = %last, last_check_ms = took as u64, layout = %layout,
             error = %self.last_error.clone().or_else(|| self.kube_error.clone()).unwrap_or_default(), "node health"
         );
     }
@@ -221,7 +226,7 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
         (None, ClusterHealth::default())
     } else {
         let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
-        (Some(KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?), health)
+        (Some(KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?.with_progress_interval(opts.watch_progress)), health)
     };
     let (kube, listed) = match &client {
         Some(c) => {
@@ -447,6 +452,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         cilium: None,
         judging: true,
         crd_mode: false,
+        watch_stalls: 0,
     };
     let cilium_poke = Arc::new(tokio::sync::Notify::new());
     let mut cilium_rx = spawn_cilium_observer(&opts.check.cilium, cilium_poke.clone());
@@ -546,6 +552,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         tracing::warn!(event = "kvstore-watch-error", error = %e, "kvstore watch interrupted; resuming");
+                        let stalls = l.watcher.as_ref().map_or(0, |w| w.stalls);
+                        if stalls > state.watch_stalls {
+                            metrics.watch_stalls.inc_by(stalls - state.watch_stalls);
+                            state.watch_stalls = stalls;
+                        }
                         state.health = Some(health::cluster_health(&opts.check.etcd, opts.check.etcd_timeout).await);
                         if let Some(h) = &state.health {
                             metrics.etcd_connected.set(h.connected as i64);

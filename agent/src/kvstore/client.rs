@@ -97,7 +97,10 @@ impl Etcd {
         let mut opts = ConnectOptions::new()
             .with_timeout(timeout)
             .with_connect_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(15), timeout);
+            .with_keep_alive(Duration::from_secs(15), timeout)
+            // etcd's guidance: a member cut off from its leader refuses (and cancels watches)
+            // instead of serving stale data.
+            .with_require_leader(true);
         if let Some(tls) = tls_options(settings)? {
             opts = opts.with_tls(tls);
         }

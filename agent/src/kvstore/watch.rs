@@ -134,14 +134,47 @@ pub struct KvstoreWatcher {
     pub streams_opened: u64,
     /// Delays between failed reconnects (jittered: agents lose etcd together).
     reconnect: Backoff,
+    /// A stream quiet this long is asked for its progress; no answer within the etcd timeout
+    /// means it stalled (a member that answers pings but delivers nothing).
+    progress_every: Duration,
+    /// Streams given up as stalled.
+    pub stalls: u64,
+    /// When the stream last delivered anything, and when its progress was asked for.
+    last_heard: std::time::Instant,
+    progress_asked: Option<std::time::Instant>,
+    /// A (re)connect in progress: the new client and its stream.
+    opening: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Etcd, WatchStream), KvstoreError>> + Send>>>,
 }
+
+/// How long a watch may be quiet before etcd is asked for its progress (by default).
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(30);
 
 const WATCH_PREFIX: &str = "cilium/";
 
 impl KvstoreWatcher {
     pub async fn start(settings: EtcdSettings, etcd: Etcd, opts: ListOptions) -> Result<KvstoreWatcher, KvstoreError> {
         let mirror = KvstoreMirror::list(&etcd, &opts).await?;
-        Ok(KvstoreWatcher { settings, etcd, opts, mirror, stream: None, relists: 0, streams_opened: 0, reconnect: Backoff::new(Duration::from_millis(250), Duration::from_secs(10)) })
+        Ok(KvstoreWatcher {
+            settings,
+            etcd,
+            opts,
+            mirror,
+            stream: None,
+            relists: 0,
+            streams_opened: 0,
+            reconnect: Backoff::new(Duration::from_millis(250), Duration::from_secs(10)),
+            progress_every: DEFAULT_PROGRESS_INTERVAL,
+            stalls: 0,
+            last_heard: std::time::Instant::now(),
+            progress_asked: None,
+            opening: None,
+        })
+    }
+
+    /// Sets how long a quiet watch goes before its progress is requested.
+    pub fn with_progress_interval(mut self, every: Duration) -> Self {
+        self.progress_every = every;
+        self
     }
 
     pub fn mirror(&self) -> &KvstoreMirror {
@@ -161,7 +194,31 @@ impl KvstoreWatcher {
                 self.open().await?;
             }
             let Some(stream) = self.stream.as_mut() else { continue };
-            let msg = match stream.message().await {
+            // Deadlines kept across calls: the agent's select drops this future whenever
+            // something else wakes it first.
+            let timeout = self.etcd.timeout;
+            let deadline = match self.progress_asked {
+                Some(at) => at + timeout,
+                None => self.last_heard + self.progress_every,
+            };
+            let received = match tokio::time::timeout_at(deadline.into(), stream.message()).await {
+                Ok(r) => {
+                    (self.last_heard, self.progress_asked) = (std::time::Instant::now(), None);
+                    r
+                }
+                Err(_) if self.progress_asked.is_none() => {
+                    // Quiet for a while: ask where the watch stands. Any answer (progress or
+                    // events) proves it alive. The request is not awaited: a stream too blocked
+                    // to take it is as stalled as one that does not answer.
+                    if let Some(Err(_)) = futures::FutureExt::now_or_never(stream.request_progress()) {
+                        return Err(self.stalled());
+                    }
+                    self.progress_asked = Some(std::time::Instant::now());
+                    continue;
+                }
+                Err(_) => return Err(self.stalled()),
+            };
+            let msg = match received {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     self.stream = None;
@@ -178,6 +235,13 @@ impl KvstoreWatcher {
                     return self.relist().await;
                 }
                 return Err(self.lost(&format!("watch canceled: {}", msg.cancel_reason())));
+            }
+            if !msg.created() && msg.events().is_empty() {
+                // A progress answer: every event up to its revision has been delivered.
+                if let Some(h) = msg.header() {
+                    self.mirror.revision = self.mirror.revision.max(h.revision());
+                }
+                continue;
             }
             let mut changes = Vec::new();
             for ev in msg.events() {
@@ -206,6 +270,14 @@ impl KvstoreWatcher {
         }
     }
 
+    /// No event for `progress_every` and no answer to a progress request within the timeout.
+    fn stalled(&mut self) -> KvstoreError {
+        self.stream = None;
+        self.stalls += 1;
+        let why = format!("watch stalled: no event for {:?} and no answer to a progress request within {:?}", self.progress_every, self.etcd.timeout);
+        self.lost(&why)
+    }
+
     fn lost(&mut self, why: &str) -> KvstoreError {
         KvstoreError::Etcd {
             endpoints: self.etcd.endpoints.join(","),
@@ -214,23 +286,42 @@ impl KvstoreWatcher {
         }
     }
 
+    /// Opens the stream (reconnecting first after a lost one). The attempt is kept across
+    /// calls: the agent's select drops `next()` whenever something else wakes it, and a
+    /// restarted attempt would restart its time bounds and never end on a dead path.
     async fn open(&mut self) -> Result<(), KvstoreError> {
-        if self.streams_opened > 0 {
-            // Reconnect to whichever members answer now (the old channel may point at a dead one).
-            match health::connect_healthy(&self.settings, self.etcd.timeout).await {
-                Ok((etcd, _)) => self.etcd = etcd,
-                Err(e) => {
-                    tokio::time::sleep(self.reconnect.next_delay()).await;
-                    return Err(e);
-                }
-            }
+        if self.opening.is_none() {
+            let (settings, etcd, reconnect) = (self.settings.clone(), self.etcd.clone(), self.streams_opened > 0);
+            let delay = if reconnect { self.reconnect.next_delay() } else { Duration::ZERO };
+            let start = self.mirror.revision + 1;
+            self.opening = Some(Box::pin(async move {
+                let etcd = if reconnect {
+                    // Whichever members answer now (the old channel may point at a dead one).
+                    match health::connect_healthy(&settings, etcd.timeout).await {
+                        Ok((etcd, _)) => etcd,
+                        Err(e) => {
+                            tokio::time::sleep(delay).await;
+                            return Err(e);
+                        }
+                    }
+                } else {
+                    etcd
+                };
+                let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+                let mut client = etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
+                let stream = etcd.call(format!("watch {WATCH_PREFIX}"), client.watch(WATCH_PREFIX, Some(opts))).await?;
+                Ok((etcd, stream))
+            }));
         }
-        let opts = WatchOptions::new().with_prefix().with_start_revision(self.mirror.revision + 1);
-        let mut client = self.etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
-        let stream = self.etcd.call(format!("watch {WATCH_PREFIX}"), client.watch(WATCH_PREFIX, Some(opts))).await?;
+        let Some(opening) = self.opening.as_mut() else { return Ok(()) };
+        let result = opening.await;
+        self.opening = None;
+        let (etcd, stream) = result?;
+        self.etcd = etcd;
         self.stream = Some(stream);
         self.streams_opened += 1;
         self.reconnect.reset();
+        (self.last_heard, self.progress_asked) = (std::time::Instant::now(), None);
         Ok(())
     }
 
