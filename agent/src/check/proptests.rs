@@ -361,28 +361,52 @@ fn ids(f: &[super::diff::Finding]) -> BTreeSet<(super::kinds::FindingKind, Strin
 proptest! {
     #[test]
     fn incremental_rechecks_agree_with_a_full_check(w in arb_world(), ms in prop::collection::vec(arb_mutation(), 1..4)) {
-        let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
-        let first = live.recheck();
-        prop_assert_eq!(&first.scope, &Scope::Full);
-        let mut known = ids(&first.findings);
-        let mut cur = w;
-        for m in &ms {
-            let mut next = cur.clone();
-            apply(&mut next, m);
-            let (dp, kv) = changes_between(&cur, &next);
-            live.apply_datapath(&dp);
-            live.apply_kvstore(&kv, 11);
-            let r = live.recheck();
-            // What the tracker does: covered ids are replaced by the re-check's findings.
-            known.retain(|id| !r.scope.covers(id));
-            known.extend(ids(&r.findings));
-            let full = ids(&findings(&next));
-            prop_assert_eq!(&known, &full, "after {:?} (scope {:?})", m, r.scope);
-            cur = next;
-        }
-        // The changes merged into the copy of the maps give the same full check.
-        prop_assert_eq!(ids(&live.recheck_all().findings), ids(&findings(&cur)));
+        rechecks_agree(w, &ms, false)?;
     }
+
+    #[test]
+    fn incremental_rechecks_agree_with_a_full_check_in_crd_mode(w in arb_world(), ms in prop::collection::vec(arb_mutation(), 1..4)) {
+        rechecks_agree(as_objects(w), &ms, true)?;
+    }
+}
+
+/// Applies each mutation to the live check as the agent receives it (map changes, and etcd
+/// watch events or, with `objects`, the Kubernetes watch's object changes) and compares every
+/// incremental re-check with a full check of the same state.
+fn rechecks_agree(w: World, ms: &[Mutation], objects: bool) -> Result<(), TestCaseError> {
+    let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
+    let first = live.recheck();
+    prop_assert_eq!(&first.scope, &Scope::Full);
+    let mut known = ids(&first.findings);
+    let mut cur = w;
+    for m in ms {
+        let mut next = cur.clone();
+        apply(&mut next, m);
+        let (dp, kv) = changes_between(&cur, &next);
+        live.apply_datapath(&dp);
+        if objects {
+            live.apply_kvstore(&kv.into_iter().filter(|c| !crate::k8s::decode::is_object_ref(c.key())).collect::<Vec<_>>(), 11);
+            live.apply_objects(object_changes(&cur, &next));
+        } else {
+            live.apply_kvstore(&kv, 11);
+        }
+        let r = live.recheck();
+        // What the tracker does: covered ids are replaced by the re-check's findings.
+        known.retain(|id| !r.scope.covers(id));
+        known.extend(ids(&r.findings));
+        prop_assert_eq!(&known, &ids(&findings(&next)), "after {:?} (scope {:?})", m, r.scope);
+        // The entries are held once each, as the last change gave them.
+        let entries = |ips: &[IpEntry]| -> Vec<(String, IpNet, u32)> {
+            let mut v: Vec<_> = ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
+            v.sort();
+            v
+        };
+        prop_assert_eq!(entries(&live.reading().kvstore.ips), entries(&next.kv.ips));
+        cur = next;
+    }
+    // The changes merged into the copy of the maps give the same full check.
+    prop_assert_eq!(ids(&live.recheck_all().findings), ids(&findings(&cur)));
+    Ok(())
 }
 
 /// Cilium's node-delete hold-off in the agent's live check: a deleted remote node's entries
@@ -489,36 +513,6 @@ fn object_changes(a: &World, b: &World) -> Vec<crate::k8s::watch::ObjectChange> 
         out.push(ObjectChange::Apply(DecodedObject { object, ips, ..Default::default() }));
     }
     out
-}
-
-proptest! {
-    #[test]
-    fn incremental_rechecks_agree_with_a_full_check_in_crd_mode(w in arb_world(), ms in prop::collection::vec(arb_mutation(), 1..4)) {
-        let w = as_objects(w);
-        let mut live = LiveCheck::new(&w.ctx.node_name, &w.ctx.cluster, w.ctx.config.clone(), reading(&w));
-        let mut known = ids(&live.recheck().findings);
-        let mut cur = w;
-        for m in &ms {
-            let mut next = cur.clone();
-            apply(&mut next, m);
-            let (dp, kv) = changes_between(&cur, &next);
-            live.apply_datapath(&dp);
-            live.apply_kvstore(&kv.into_iter().filter(|c| !crate::k8s::decode::is_object_ref(c.key())).collect::<Vec<_>>(), 11);
-            live.apply_objects(object_changes(&cur, &next));
-            let r = live.recheck();
-            known.retain(|id| !r.scope.covers(id));
-            known.extend(ids(&r.findings));
-            prop_assert_eq!(&known, &ids(&findings(&next)), "after {:?} (scope {:?})", m, r.scope);
-            // The objects' entries are held once each, as the watch last gave them.
-            let mut held: Vec<(String, IpNet, u32)> = live.reading().kvstore.ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
-            let mut want: Vec<(String, IpNet, u32)> = next.kv.ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
-            held.sort();
-            want.sort();
-            prop_assert_eq!(held, want);
-            cur = next;
-        }
-        prop_assert_eq!(ids(&live.recheck_all().findings), ids(&findings(&cur)));
-    }
 }
 
 /// An object applied again with only a new resourceVersion touches nothing; a changed one
