@@ -305,5 +305,5 @@ fn agent_notices_a_stalled_watch_and_resumes() {
     assert!(frozen.elapsed() < Duration::from_secs(12), "stall seen after {:?}", frozen.elapsed());
     agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.88/32"), Duration::from_secs(15));
     let metrics = http_get(agent.port, "/metrics").unwrap().1;
-    assert!(metrics.lines().any(|l| l.starts_with("kvcheck_kvstore_watch_stalls_total{") && l.ends_with(" 1")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("kvcheck_kvstore_watch_stalls{") && l.ends_with(" 1")), "{metrics}");
 }

@@ -53,8 +53,10 @@ pub struct Metrics {
     pub etcd_endpoints: Gauge,
     pub map_fill_ratio: Family<MapLabel, Gauge<f64, AtomicU64>>,
     pub change_events: Family<SourceLabel, Counter>,
-    /// Kvstore watch streams given up as stalled (no event, no progress answer).
-    pub watch_stalls: Counter,
+    /// Kvstore watch streams the current watch gave up as stalled (no event, no progress
+    /// answer); a gauge, as `promtool check metrics` wants a counter's help under its `_total`
+    /// name.
+    pub watch_stalls: Gauge,
     pub last_check: Gauge<f64, AtomicU64>,
     pub maps_in_use: Family<MapLabel, Gauge>,
     /// 1 when /readyz answers 200 (initial check done, etcd reachable).
@@ -90,7 +92,7 @@ impl Metrics {
             etcd_endpoints: Gauge::default(),
             map_fill_ratio: Family::default(),
             change_events: Family::default(),
-            watch_stalls: Counter::default(),
+            watch_stalls: Gauge::default(),
             last_check: Gauge::default(),
             maps_in_use: Family::default(),
             ready_gauge: Gauge::default(),
@@ -110,7 +112,7 @@ impl Metrics {
         registry.register("etcd_endpoints", "Configured etcd endpoints", m.etcd_endpoints.clone());
         registry.register("map_fill_ratio", "Entries / max entries per datapath map", m.map_fill_ratio.clone());
         registry.register("change_events", "Datapath and kvstore changes processed", m.change_events.clone());
-        registry.register("kvstore_watch_stalls", "Kvstore watch streams given up as stalled (quiet, and no answer to a progress request): reconnected and resumed", m.watch_stalls.clone());
+        registry.register("kvstore_watch_stalls", "Kvstore watch streams the current watch gave up as stalled (quiet, and no answer to a progress request): reconnected and resumed", m.watch_stalls.clone());
         registry.register("last_successful_check_timestamp_seconds", "Unix time of the last successful check", m.last_check.clone());
         registry.register("ready", "1 when the agent is ready (initial check done, etcd reachable), as /readyz", m.ready_gauge.clone());
         registry.register("datapath_maps_in_use", "Distinct maps the attached BPF programs use per Cilium map name (1 when healthy; 0 when none is attached)", m.maps_in_use.clone());

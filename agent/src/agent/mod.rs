@@ -94,8 +94,6 @@ struct State {
     judging: bool,
     /// Nodes and pod IPs come from Kubernetes objects (no etcd to probe).
     crd_mode: bool,
-    /// Kvstore watch streams given up as stalled (as counted into the metric).
-    watch_stalls: u64,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -452,7 +450,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         cilium: None,
         judging: true,
         crd_mode: false,
-        watch_stalls: 0,
     };
     let cilium_poke = Arc::new(tokio::sync::Notify::new());
     let mut cilium_rx = spawn_cilium_observer(&opts.check.cilium, cilium_poke.clone());
@@ -553,10 +550,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     Err(e) => {
                         tracing::warn!(event = "kvstore-watch-error", error = %e, "kvstore watch interrupted; resuming");
                         let stalls = l.watcher.as_ref().map_or(0, |w| w.stalls);
-                        if stalls > state.watch_stalls {
-                            metrics.watch_stalls.inc_by(stalls - state.watch_stalls);
-                            state.watch_stalls = stalls;
-                        }
+                        metrics.watch_stalls.set(i64::try_from(stalls).unwrap_or(i64::MAX));
                         state.health = Some(health::cluster_health(&opts.check.etcd, opts.check.etcd_timeout).await);
                         if let Some(h) = &state.health {
                             metrics.etcd_connected.set(h.connected as i64);
