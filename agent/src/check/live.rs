@@ -222,7 +222,7 @@ impl LiveCheck {
     fn holds_object(&mut self, d: &DecodedObject) -> bool {
         let kv = &self.reading.kvstore;
         let at: &[u32] = self.objects.get(d.object.as_str()).map_or(&[], |at| at);
-        let node = kv.nodes.iter().position(|n| n.meta.key == d.object);
+        let node = self.node_at(&d.object);
         let held_identity = d.identity.as_ref().and_then(|i| kv.identities.get(&i.id));
         let same = at.len() == d.ips.len()
             && at.iter().zip(&d.ips).all(|(i, e)| same_but_revision(&kv.ips[*i as usize], e, |x| &mut x.meta))
@@ -255,6 +255,12 @@ impl LiveCheck {
         true
     }
 
+    /// The held node entry of a CiliumNode object (other objects never have one: no scan of
+    /// the nodes for each of the many CiliumEndpoint changes).
+    fn node_at(&self, object: &str) -> Option<usize> {
+        object.starts_with("CiliumNode ").then(|| self.reading.kvstore.nodes.iter().position(|n| n.meta.key == object)).flatten()
+    }
+
     fn remove_object(&mut self, object: &str) {
         if let Some(at) = self.objects.remove(object) {
             let mut at: Vec<usize> = at.iter().map(|i| *i as usize).collect();
@@ -265,9 +271,8 @@ impl LiveCheck {
                 self.swap_remove_ip(i);
             }
         }
-        let kv = &mut self.reading.kvstore;
-        if let Some(i) = kv.nodes.iter().position(|n| n.meta.key == object) {
-            let n = kv.nodes.remove(i);
+        if let Some(i) = self.node_at(object) {
+            let n = self.reading.kvstore.nodes.remove(i);
             self.touch_node(&n);
         }
         let kv = &mut self.reading.kvstore;
@@ -285,8 +290,6 @@ impl LiveCheck {
             for e in &ips {
                 self.touched.insert(e.prefix);
                 self.other_spaces += usize::from(!e.meta.key.starts_with(DEFAULT_SPACE));
-            }
-            for e in &ips {
                 self.count_identity(e.identity, 1);
             }
             self.reading.kvstore.ips.extend(ips);
