@@ -67,6 +67,13 @@ struct AgentArgs {
     /// Address for /metrics, /healthz and /readyz (clear of Cilium's own ports).
     #[arg(long, default_value = "0.0.0.0:9890")]
     listen: std::net::SocketAddr,
+    /// Serve the HTTP endpoints over TLS with this certificate chain (PEM; with
+    /// --listen-tls-key). The kubelet's probes then need `scheme: HTTPS`.
+    #[arg(long, requires = "listen_tls_key")]
+    listen_tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, requires = "listen_tls_cert")]
+    listen_tls_key: Option<PathBuf>,
     /// Do not load the eBPF change-event program; poll the maps instead.
     #[arg(long, env = "KVCHECK_NO_EBPF", value_parser = clap::builder::FalseyValueParser::new())]
     no_ebpf: bool,
@@ -146,6 +153,8 @@ struct CheckArgs {
     encryption: Option<OnOff>,
     #[command(flatten)]
     cilium: CiliumArgs,
+    #[command(flatten)]
+    mesh: MeshArgs,
     #[arg(long, short, value_enum, default_value = "table")]
     output: Output,
 }
@@ -171,6 +180,34 @@ struct KubeArgs {
 impl KubeArgs {
     fn options(&self) -> kvcheck::k8s::client::KubeOptions {
         kvcheck::k8s::client::KubeOptions { access: self.kubernetes.clone(), kubeconfig: self.kubeconfig.clone(), page_size: u32::try_from(self.kube_page_size).unwrap_or(kvcheck::k8s::client::DEFAULT_PAGE_SIZE), timeout: self.kube_timeout }
+    }
+}
+
+#[derive(Args)]
+struct MeshArgs {
+    /// Cilium's ClusterMesh config directory (its `--clustermesh-config`; Helm mounts the
+    /// cilium-clustermesh Secret there): one etcd config per remote cluster, named after it.
+    /// Missing or empty: no ClusterMesh.
+    #[arg(long, env = "CILIUM_CLUSTERMESH_CONFIG", default_value = kvcheck::clustermesh::discovery::DEFAULT_CONFIG_DIR)]
+    clustermesh_config: PathBuf,
+    /// The local cluster's id (Cilium's `--cluster-id`). Default: the Cilium agent's
+    /// configuration (API), else this node's entry's ClusterID.
+    #[arg(long, env = "KVCHECK_CLUSTER_ID", value_parser = kvcheck::options::integer_in(0, 511))]
+    cluster_id: Option<i64>,
+    /// Cilium's `--max-connected-clusters` (255 or 511). Default: the Cilium agent's, else 255.
+    #[arg(long, value_parser = kvcheck::options::integer_in(255, 511))]
+    max_connected_clusters: Option<i64>,
+}
+
+impl MeshArgs {
+    fn options(&self, etcd: &EtcdOptions) -> kvcheck::clustermesh::reader::MeshOptions {
+        kvcheck::clustermesh::reader::MeshOptions {
+            config_dir: self.clustermesh_config.clone(),
+            cluster_id: self.cluster_id.and_then(|i| u32::try_from(i).ok()),
+            max_connected_clusters: self.max_connected_clusters.and_then(|i| u32::try_from(i).ok()),
+            timeout: etcd.timeout(),
+            page_size: etcd.etcd_page_size.max(1),
+        }
     }
 }
 
@@ -466,6 +503,7 @@ impl CheckArgs {
             ..Default::default()
         },
         kube: args.kube.options(),
+        mesh: args.mesh.options(&args.etcd),
         config_map_dir: args.cilium_config_map.clone(),
         settle: args.settle,
         hold_off: args.node_delete_hold_off,
@@ -552,6 +590,7 @@ async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
         health_interval: args.health_interval,
         watch_progress: args.watch_progress_interval,
         listen: args.listen,
+        listen_tls: args.listen_tls_cert.clone().zip(args.listen_tls_key.clone()),
         debounce: std::time::Duration::from_millis(100),
     };
     kvcheck::agent::run(opts).await?;

@@ -16,6 +16,7 @@ pub mod relay;
 pub mod sample;
 pub mod simcluster;
 pub mod simdata;
+pub mod simmesh;
 pub mod simnode;
 pub mod simobjects;
 pub mod tracepoint;

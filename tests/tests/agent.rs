@@ -307,3 +307,49 @@ fn agent_notices_a_stalled_watch_and_resumes() {
     let metrics = http_get(agent.port, "/metrics").unwrap().1;
     assert!(metrics.lines().any(|l| l.starts_with("kvcheck_kvstore_watch_stalls{") && l.ends_with(" 1")), "{metrics}");
 }
+
+/// `--listen-tls-cert/--listen-tls-key`: the endpoints speak TLS (verified against the CA), plain
+/// HTTP gets no answer, and a key that does not match exits with a clear error.
+#[test]
+fn agent_serves_its_endpoints_over_tls() {
+    if !require_root("agent_serves_its_endpoints_over_tls") {
+        return;
+    }
+    use std::io::Write as _;
+    let node = consistent_node(NodeSpec::new(Layout::V1_15, false)).unwrap();
+    let tls = kvcheck_tests::etcd::Tls::generate().unwrap();
+    let port = kvcheck_tests::agent::free_port();
+    let mut args = node.check_args();
+    args[0] = "agent".into();
+    args.extend(["--listen".to_owned(), format!("127.0.0.1:{port}"), "--listen-tls-cert".into(), tls.server_cert.display().to_string(), "--listen-tls-key".into(), tls.server_key.display().to_string()]);
+    let mut child = std::process::Command::new(kvcheck_tests::kvcheck_bin()).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let get = |path: &str| -> String {
+        let mut c = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-CAfile"])
+            .arg(&tls.ca)
+            .args(["-verify_return_error", "-quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let _ = c.stdin.take().unwrap().write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes());
+        String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get("/readyz").starts_with("HTTP/1.0 200") && !get("/readyz").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "no TLS /readyz 200 within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(get("/metrics").contains("kvcheck_ready"), "no metrics over TLS");
+    assert_eq!(http_get(port, "/metrics").map(|(c, _)| c), None, "plain HTTP must not be answered");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Certificate and key that do not go together: a clear error, exit 1 (the agent's), no panic.
+    let mut bad = args.clone();
+    let key_at = bad.iter().position(|a| a == "--listen-tls-key").unwrap() + 1;
+    bad[key_at] = tls.client_key.display().to_string();
+    let out = kvcheck_tests::run_kvcheck(None, &bad.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("do not go together") && !stderr.contains("panicked"), "{stderr}");
+}

@@ -334,6 +334,8 @@ fn each_finding_kind_from_one_injected_drift() {
     covered.insert("datapath-map-mismatch");
     // The CiliumEndpoint kinds exist in CRD mode only: tests/tests/k8s.rs.
     covered.extend(["endpoint-node-unknown", "endpoint-ip-conflict"]);
+    // The ClusterMesh kinds need remote clusters: tests/tests/clustermesh.rs.
+    covered.extend(["ipcache-unknown-cluster", "remote-identity-invalid", "clustermesh-ip-overlap", "remote-cluster-config-invalid"]);
 
     let all: BTreeSet<&str> = kvcheck::check::kinds::FindingKind::ALL.iter().map(|k| k.name()).collect();
     assert_eq!(covered, all, "kinds without an end-to-end test");

@@ -50,7 +50,7 @@ fn manifests_validate_against_the_kubernetes_schema() {
     }
     // What the agent needs from the node is really mounted, read-only.
     let yaml = std::fs::read_to_string(root().join("deploy/kvcheck.yaml")).unwrap();
-    for needle in ["hostNetwork: true", "mountPath: /sys/fs/bpf", "mountPath: /sys/kernel/tracing", "fieldPath: spec.nodeName", "secretName: cilium-etcd-secrets", "path: /readyz", "path: /healthz", "prometheus.io/scrape", "system-node-critical", "mountPath: /var/run/cilium\n", "value: /var/run/cilium/cilium.sock", "mountPath: /etc/cilium/config-map", "secretName: kvcheck-etcd", "value: /var/lib/kvcheck-etcd/etcd.config,/var/lib/etcd-config/etcd.config"] {
+    for needle in ["hostNetwork: true", "mountPath: /sys/fs/bpf", "mountPath: /sys/kernel/tracing", "fieldPath: spec.nodeName", "secretName: cilium-etcd-secrets", "path: /readyz", "path: /healthz", "prometheus.io/scrape", "system-node-critical", "mountPath: /var/run/cilium\n", "value: /var/run/cilium/cilium.sock", "mountPath: /etc/cilium/config-map", "secretName: kvcheck-etcd", "value: /var/lib/kvcheck-etcd/etcd.config,/var/lib/etcd-config/etcd.config", "mountPath: /var/lib/cilium/clustermesh", "name: cilium-clustermesh"] {
         assert!(yaml.contains(needle), "manifest lacks {needle}");
     }
     // Kubernetes access is read-only and only to Cilium's four resources.
@@ -68,6 +68,9 @@ fn manifests_validate_against_the_kubernetes_schema() {
         }
         if v["secret"].is_object() {
             assert_eq!(v["secret"]["defaultMode"], 0o400, "{v}");
+        }
+        if v["projected"].is_object() {
+            assert_eq!(v["projected"]["defaultMode"], 0o400, "{v}");
         }
     }
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").expect("a ClusterRole");

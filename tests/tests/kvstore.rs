@@ -209,5 +209,16 @@ fn a_read_only_etcd_user_is_enough() {
     assert!(out.status.success(), "{}", shown(&out));
     agent.wait_for("finding-opened", Some("ipcache-missing"), Some("10.2.0.77/32"), Duration::from_secs(10));
     assert!(!agent.seen.borrow().iter().any(|l| l.to_string().contains("ro-pw-7")));
+    // Its health probes (every second here) reuse their clients: no Authenticate per probe.
+    let authenticates = || {
+        let (_, body) = kvcheck_tests::agent::http_get(etcd.members[0].metrics_port, "/metrics").unwrap_or_default();
+        body.lines().filter(|l| l.starts_with("grpc_server_started_total") && l.contains("grpc_method=\"Authenticate\"")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum::<f64>()
+    };
+    let before = authenticates();
+    for _ in 0..5 {
+        agent.wait_for("node-health", None, None, Duration::from_secs(5));
+    }
+    let after = authenticates();
+    assert!(before > 0.0 && after - before <= 1.0, "Authenticate calls went from {before} to {after} over 5 health probes");
     let _ = std::fs::remove_dir_all(&dir);
 }

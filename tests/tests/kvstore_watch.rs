@@ -78,7 +78,7 @@ fn watch_with_compaction_and_restart_matches_a_fresh_list() {
                 break b;
             }
         };
-        let fresh = KvstoreMirror::list(&client, &ListOptions::default()).await.unwrap();
+        let fresh = KvstoreMirror::list_cilium(&client, &ListOptions::default()).await.unwrap();
         assert_eq!(w.mirror().keys, fresh.keys, "mirror after the watch differs from a fresh list");
         if batch.relisted {
             assert!(batch.changes.iter().any(|c| matches!(c, Change::Delete { key, .. } if *key == ip_key("10.6.7.2"))), "{:?}", batch.changes);
@@ -120,7 +120,7 @@ fn compacted_start_revision_relists() {
             .collect();
         keys.sort();
         assert_eq!(keys, vec![(ip_key("10.6.8.1"), "delete"), (ip_key("10.6.8.2"), "put"), (ip_key("10.6.8.3"), "put")]);
-        let fresh = KvstoreMirror::list(&client, &ListOptions::default()).await.unwrap();
+        let fresh = KvstoreMirror::list_cilium(&client, &ListOptions::default()).await.unwrap();
         assert_eq!(w.mirror().keys, fresh.keys);
         assert!(w.counts_match().await.unwrap());
         // Exactly one copy of each change: nothing is reported twice afterwards.

@@ -34,7 +34,7 @@ enum Task {
     Image,
     /// Measure kvcheck against bpftool, etcdctl and a raw batch-lookup loop; writes BENCHMARKS.md.
     /// Options: --ipcache-entries N (500000), --ips N (100000), --nodes N (5000),
-    /// --identities N (10000), --runs N (5), --only datapath|kvstore.
+    /// --identities N (10000), --runs N (5), --only datapath,kvstore,check,agent,kubernetes,clustermesh,...
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

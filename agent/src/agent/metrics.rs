@@ -45,6 +45,17 @@ pub struct ResourceLabel {
     pub resource: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteLabel {
+    pub cluster: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
 pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub findings: Family<KindLabel, Gauge>,
@@ -71,6 +82,12 @@ pub struct Metrics {
     pub state_source: Family<StateSourceLabel, Gauge>,
     /// Cilium objects held from the Kubernetes watch, per resource.
     pub kubernetes_objects: Family<ResourceLabel, Gauge>,
+    /// ClusterMesh: 1 for each remote cluster's current state.
+    pub remote_clusters: Family<RemoteLabel, Gauge>,
+    /// ClusterMesh: open findings about each remote cluster.
+    pub remote_cluster_findings: Family<ClusterLabel, Gauge>,
+    /// The clusters that have had findings (their series stay, at 0 once resolved).
+    pub finding_clusters: Mutex<std::collections::BTreeSet<String>>,
     /// The Cilium agent line of /readyz's body.
     pub cilium_note: Mutex<String>,
     /// When the agent loop last made progress (Unix ms) and how long without it means stuck
@@ -102,6 +119,9 @@ impl Metrics {
             judging: Gauge::default(),
             state_source: Family::default(),
             kubernetes_objects: Family::default(),
+            remote_clusters: Family::default(),
+            remote_cluster_findings: Family::default(),
+            finding_clusters: Mutex::default(),
             cilium_note: Mutex::new("cilium: not observed yet".to_owned()),
             loop_beat_ms: AtomicU64::new(0),
             stall_after_ms: AtomicU64::new(0),
@@ -119,6 +139,8 @@ impl Metrics {
         registry.register("cilium_agent_state", "The Cilium agent's state as kvcheck sees it (1 for the current state)", m.cilium_agent_state.clone());
         registry.register("state_source", "Where each kind of Cilium's cluster state is read (1): endpoints (nodes and pod IPs) and identities, from the kvstore or Kubernetes objects", m.state_source.clone());
         registry.register("kubernetes_objects", "Cilium objects held from the Kubernetes watch, per resource", m.kubernetes_objects.clone());
+        registry.register("clustermesh_remote_cluster_status", "ClusterMesh: each remote cluster's state (1 for the current one); only synced remotes are judged", m.remote_clusters.clone());
+        registry.register("clustermesh_remote_cluster_findings", "ClusterMesh: open findings about each remote cluster's entries", m.remote_cluster_findings.clone());
         registry.register("judging", "1 while findings are judged; 0 while held because the Cilium agent is down, starting, unhealthy or restoring endpoints", m.judging.clone());
         *m.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
         Arc::new(m)
@@ -184,7 +206,28 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Serves the endpoints until the returned task is aborted: HTTP/1.1 with a header-read timeout,
 /// a lifetime per connection and a cap on concurrent connections (the agent listens on the host
 /// network).
-pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// A TLS server configuration from a PEM certificate chain and key (read once at start).
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| anyhow::anyhow!("reading the TLS certificate {}: {e}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "the TLS certificate {} holds no certificate", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("reading the TLS key {}: {e}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the TLS certificate and key do not go together")?;
+    Ok(Arc::new(config))
+}
+
+pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>, tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let app = router(metrics);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -197,12 +240,21 @@ pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
                 continue;
             };
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+                match acceptor {
+                    None => {
+                        let _ = tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)).await;
+                    }
+                    Some(acceptor) => {
+                        // The handshake is bounded like the headers: a slow client holds no slot.
+                        if let Ok(Ok(tls)) = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                            let _ = tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)).await;
+                        }
+                    }
+                }
                 drop(permit);
             });
         }

@@ -23,6 +23,7 @@ use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history;
 use crate::k8s::watch::{KubeWatcher, ObjectChange};
 use crate::kvstore::watch::KvstoreWatcher;
+use crate::clustermesh::watch::MeshWatch;
 use crate::model::source::StateSource;
 use metrics::{KindLabel, MapLabel, Metrics, ResourceLabel, SourceLabel, StateSourceLabel};
 use tracker::{Tracker, Transition};
@@ -39,6 +40,8 @@ pub struct AgentOptions {
     /// A quiet kvstore watch is asked for its progress after this long (stall detection).
     pub watch_progress: Duration,
     pub listen: std::net::SocketAddr,
+    /// Certificate chain and key (PEM) to serve the endpoints over TLS.
+    pub listen_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Wait this long after a change before re-checking (changes come in bursts).
     pub debounce: Duration,
 }
@@ -65,6 +68,8 @@ struct Live {
     watcher: Option<KvstoreWatcher>,
     /// The Kubernetes watch: CRD mode's nodes and pod IPs, CiliumIdentities.
     kube: Option<KubeWatcher>,
+    /// ClusterMesh: one watch per remote cluster.
+    mesh: MeshWatch,
     feed: ChangeFeed,
     /// Maps followed by id because the datapath uses them instead of the pins.
     read_live: BTreeMap<String, u32>,
@@ -94,6 +99,8 @@ struct State {
     judging: bool,
     /// Nodes and pod IPs come from Kubernetes objects (no etcd to probe).
     crd_mode: bool,
+    /// ClusterMesh remotes that cannot be read (their entries are not judged): degraded.
+    remotes_unreachable: Vec<String>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -112,10 +119,10 @@ impl State {
     fn log_transition(&self, t: &Transition) {
         match t {
             Transition::Opened(f) => tracing::warn!(
-                event = "finding-opened", kind = f.kind.name(), subject = %f.subject, severity = ?f.severity, detail = %f.message,
+                event = "finding-opened", kind = f.kind.name(), subject = %f.subject, severity = ?f.severity, cluster = f.cluster.as_deref().unwrap_or(""), detail = %f.message,
                 evidence = %serde_json::json!({"datapath": f.datapath, "kvstore": f.kvstore}), "finding opened"
             ),
-            Transition::Resolved(f) => tracing::info!(event = "finding-resolved", kind = f.kind.name(), subject = %f.subject, "finding resolved"),
+            Transition::Resolved(f) => tracing::info!(event = "finding-resolved", kind = f.kind.name(), subject = %f.subject, cluster = f.cluster.as_deref().unwrap_or(""), "finding resolved"),
         }
     }
 
@@ -123,7 +130,7 @@ impl State {
         if self.last_error.is_some() || self.health.as_ref().is_some_and(|h| h.connected == 0) {
             return Status::Failed;
         }
-        let partial = self.health.as_ref().is_some_and(|h| h.connected < h.total) || self.kube_error.is_some();
+        let partial = self.health.as_ref().is_some_and(|h| h.connected < h.total) || self.kube_error.is_some() || !self.remotes_unreachable.is_empty();
         if partial || self.tracker.open().next().is_some() { Status::Degraded } else { Status::Ok }
     }
 
@@ -143,6 +150,9 @@ impl State {
             format!("endpoints: {}, identities: {}{objects}", o.endpoints.name(), o.identities.name())
         });
         let held = live.map_or(0, |l| l.check.held_nodes().len());
+        let clustermesh = live.and_then(|l| l.check.reading().kvstore.mesh.as_deref()).map_or_else(String::new, |m| {
+            m.inactive.as_ref().map_or_else(|| m.remote_states(), |why| format!("inactive: {why}"))
+        });
         let stalls = live.and_then(|l| l.watcher.as_ref()).map_or(0, |w| w.stalls);
         let (maps, layout) = live.map_or((String::new(), String::new()), |l| {
             let dp = &l.check.reading().datapath;
@@ -156,7 +166,7 @@ impl State {
         let cilium = self.cilium.as_ref().map_or_else(|| "not observed yet".to_owned(), CiliumAgentState::summary);
         tracing::info!(
             event = "node-health", status = self.status.name(), node = %self.opts.check.node_name, cilium = %cilium, judging = self.judging, open_findings = %serde_json::to_string(&counts).unwrap_or_default(),
-            etcd = %etcd, sources = %sources, map_fill = %maps, nodes_in_hold_off = held, watch_stalls = stalls, last_check = %last, last_check_ms = took as u64, layout = %layout,
+            etcd = %etcd, sources = %sources, clustermesh = %clustermesh, map_fill = %maps, nodes_in_hold_off = held, watch_stalls = stalls, last_check = %last, last_check_ms = took as u64, layout = %layout,
             error = %self.last_error.clone().or_else(|| self.kube_error.clone()).unwrap_or_default(), "node health"
         );
     }
@@ -193,6 +203,22 @@ impl State {
             let severity = format!("{:?}", k.severity()).to_lowercase();
             self.metrics.findings.get_or_create(&KindLabel { kind: k.name().to_owned(), severity }).set(n);
         }
+        let mut by_cluster: BTreeMap<String, i64> = BTreeMap::new();
+        for f in self.tracker.open() {
+            if let Some(c) = &f.cluster {
+                *by_cluster.entry(c.clone()).or_default() += 1;
+            }
+        }
+        // Clusters that had findings drop to 0, not out of the output.
+        let mut seen = self.metrics.finding_clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.extend(by_cluster.keys().cloned());
+        for c in seen.iter() {
+            by_cluster.entry(c.clone()).or_default();
+        }
+        drop(seen);
+        for (cluster, n) in by_cluster {
+            self.metrics.remote_cluster_findings.get_or_create(&metrics::ClusterLabel { cluster }).set(n);
+        }
     }
 }
 
@@ -205,7 +231,7 @@ const STALL_MARGIN: Duration = Duration::from_secs(180);
 const KUBERNETES_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `agent_config`: the Cilium agent's own configuration, when its API answered.
-async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> anyhow::Result<Live> {
+async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cilium: Option<&CiliumAgentState>) -> anyhow::Result<Live> {
     let config = run::node_config(&opts.check, agent_config)?;
     let crd_mode = config.crd_mode() == Some(true);
     // With the mode unknown, identities are checked in the kvstore (a one-shot check infers CRD
@@ -262,6 +288,8 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
         check.apply_objects(listed);
     }
     check.set_hold_off(opts.check.hold_off);
+    let mesh = start_mesh(opts, agent_config, &mut check).await;
+    check.set_cilium_mesh(cilium_mesh(cilium));
     if let Some(w) = watcher.as_ref().filter(|_| !opts.check.hold_off.is_zero()) {
         // Nodes deleted just before the agent started are in their hold-off too.
         let kv = &check.reading().kvstore;
@@ -270,7 +298,34 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>) -> 
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
     }
-    Ok(Live { watcher, kube, feed, read_live: read.read_live, check })
+    Ok(Live { watcher, kube, mesh, feed, read_live: read.read_live, check })
+}
+
+/// ClusterMesh: finds the remotes, lists each (one that cannot be read starts unreachable and
+/// is retried by its watch) and hands the mesh to the live check.
+async fn start_mesh(opts: &AgentOptions, agent_config: Option<&AgentConfig>, check: &mut LiveCheck) -> MeshWatch {
+    let kv = &check.reading().kvstore;
+    let local = crate::clustermesh::reader::local_cluster(&opts.check.mesh, &opts.check.cluster, &opts.check.node_name, agent_config, kv);
+    match MeshWatch::start(&opts.check.mesh, local.clone()).await {
+        Ok((w, mesh)) => {
+            let used = mesh.in_use();
+            if used {
+                tracing::info!(event = "clustermesh-start", local = %local.name, local_id = local.id, id_from = %local.id_from, remotes = %mesh.remote_states(), inactive = %mesh.inactive.clone().unwrap_or_default(), "ClusterMesh remotes");
+            }
+            check.set_mesh(used.then_some(mesh));
+            w
+        }
+        Err(e) => {
+            tracing::warn!(event = "clustermesh-config-error", error = %e, "could not read the ClusterMesh config directory");
+            check.set_mesh(None);
+            MeshWatch::empty(&opts.check.mesh, local)
+        }
+    }
+}
+
+/// The Cilium agent's own view of its remotes, when its API answered.
+fn cilium_mesh(st: Option<&CiliumAgentState>) -> Option<Vec<crate::cilium::models::RemoteCluster>> {
+    st.filter(|s| s.source == "api").map(|s| s.cluster_mesh.clone())
 }
 
 /// Starts the Kubernetes watch and waits for its first lists (judging half a list would report
@@ -312,6 +367,22 @@ async fn next_objects(k: &mut Option<KubeWatcher>) -> crate::k8s::watch::ObjectB
     match k {
         Some(k) => k.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The remote clusters that cannot be read.
+fn remotes_unreachable(l: &Live) -> Vec<String> {
+    let mesh = l.check.reading().kvstore.mesh.as_deref().filter(|m| m.active());
+    mesh.map(|m| m.remotes.iter().filter(|r| r.status == crate::clustermesh::RemoteStatus::Unreachable).map(|r| r.name.clone()).collect()).unwrap_or_default()
+}
+
+/// Each remote cluster's state, as metrics (one series per remote and state).
+fn publish_mesh(metrics: &Metrics, l: &Live) {
+    let Some(m) = l.check.reading().kvstore.mesh.as_deref() else { return };
+    for r in &m.remotes {
+        for st in crate::clustermesh::RemoteStatus::ALL {
+            metrics.remote_clusters.get_or_create(&metrics::RemoteLabel { cluster: r.name.clone(), status: st.name().to_owned() }).set(i64::from(st == r.status));
+        }
     }
 }
 
@@ -362,6 +433,10 @@ fn evaluate(state: &mut State, live: &mut Live) {
 /// How often the pins are checked for maps Cilium re-created (a restart or upgrade).
 const PIN_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the ClusterMesh config directory is looked at: Cilium (fsnotify) drains a removed
+/// remote at once, so kvcheck must notice well within the grace period.
+const MESH_CONFIG_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How often the Cilium agent's API is asked while it is ready, and while it is not.
 const CILIUM_POLL_READY: Duration = Duration::from_secs(10);
 const CILIUM_POLL_RECOVERING: Duration = Duration::from_secs(1);
@@ -409,6 +484,9 @@ async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumA
         state.tracker.clear_pending();
     }
     state.judging = judge;
+    if let Some(l) = live.as_mut() {
+        l.check.set_cilium_mesh(cilium_mesh(Some(&st)));
+    }
     state.cilium = Some(st);
     if resumed && let Some(l) = live.as_mut() {
         // Cilium has restored what it restores: judge everything afresh (a resync re-reads
@@ -433,7 +511,8 @@ async fn on_cilium_state(state: &mut State, live: &mut Option<Live>, st: CiliumA
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let metrics = Metrics::new(&opts.check.node_name);
-    let server = metrics::serve(opts.listen, metrics.clone()).await?;
+    let tls = opts.listen_tls.as_ref().map(|(cert, key)| metrics::tls_config(cert, key)).transpose()?;
+    let server = metrics::serve(opts.listen, metrics.clone(), tls).await?;
     tracing::info!(event = "agent-start", listen = %opts.listen, node = %opts.check.node_name, grace = ?opts.grace, resync = ?opts.resync, "kvcheck agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut state = State {
@@ -450,6 +529,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         cilium: None,
         judging: true,
         crd_mode: false,
+        remotes_unreachable: Vec::new(),
     };
     let cilium_poke = Arc::new(tokio::sync::Notify::new());
     let mut cilium_rx = spawn_cilium_observer(&opts.check.cilium, cilium_poke.clone());
@@ -465,6 +545,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut next_resync = Instant::now() + jitter(opts.resync);
     let mut next_health = Instant::now();
     let mut next_pin_check = Instant::now() + PIN_CHECK_INTERVAL;
+    let mut next_mesh_check = Instant::now() + MESH_CONFIG_CHECK_INTERVAL;
     let mut retry_at = Instant::now();
     metrics.etcd_endpoints.set(opts.check.etcd.endpoints.len() as i64);
     // The loop runs at least every health interval; a start (Kubernetes lists, etcd, a large
@@ -478,9 +559,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         // (Re)build the live sources when missing: etcd down at start, Cilium restarting...
         if live.is_none() && Instant::now() >= retry_at {
             let agent_config = state.agent_config();
-            match start_live(&opts, agent_config.as_ref()).await {
+            match start_live(&opts, agent_config.as_ref(), state.cilium.as_ref()).await {
                 Ok(mut l) => {
                     state.crd_mode = l.watcher.is_none();
+                    state.remotes_unreachable = remotes_unreachable(&l);
                     state.health = (!state.crd_mode).then(|| l.check.reading().health.clone());
                     publish_sources(&metrics, &l);
                     state.last_error = None;
@@ -502,7 +584,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             state.set_status(live.as_ref());
         }
         let now = Instant::now();
-        let mut wake = [next_resync, next_health, next_pin_check].into_iter().min().unwrap_or(now);
+        let mut wake = [next_resync, next_health, next_pin_check, next_mesh_check].into_iter().min().unwrap_or(now);
         if live.is_none() {
             wake = wake.min(retry_at.max(now + Duration::from_millis(100)));
         }
@@ -536,6 +618,23 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         l.check.apply_objects(objects.changes);
                         dirty_since.get_or_insert(Instant::now());
                     }
+                },
+                update = l.mesh.next() => {
+                    metrics.change_events.get_or_create(&SourceLabel { source: "clustermesh".into() }).inc_by(update.touched.len().max(1) as u64);
+                    let r = &update.remote;
+                    let before = l.check.reading().kvstore.mesh.as_ref().and_then(|m| m.remote(&r.name)).map(|x| x.status);
+                    if before != Some(r.status) {
+                        let status = r.status.name();
+                        if r.status.judged() {
+                            tracing::info!(event = "clustermesh-remote-status", cluster = %r.name, status = %status, "remote cluster synced: its entries are judged");
+                        } else {
+                            tracing::warn!(event = "clustermesh-remote-status", cluster = %r.name, status = %status, reason = %r.reason.clone().unwrap_or_default(), "remote cluster not judged");
+                        }
+                    }
+                    l.check.apply_remote(update);
+                    state.remotes_unreachable = remotes_unreachable(l);
+                    publish_mesh(&metrics, l);
+                    dirty_since.get_or_insert(Instant::now());
                 },
                 batch = next_kvstore(&mut l.watcher) => match batch {
                     Ok(b) => {
@@ -590,6 +689,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             next_pin_check = now + PIN_CHECK_INTERVAL;
             lost_live = lost_live.or_else(|| l.feed.replaced_map());
         }
+        if let Some(l) = live.as_mut().filter(|_| now >= next_mesh_check) {
+            next_mesh_check = now + MESH_CONFIG_CHECK_INTERVAL;
+            if l.mesh.config_changed() {
+                // A remote added, removed (Cilium drains it at once) or re-configured: start the
+                // mesh over, as Cilium connects, drains or reconnects.
+                tracing::info!(event = "clustermesh-config-changed", dir = %opts.check.mesh.config_dir.display(), "ClusterMesh config directory changed: re-reading the remotes");
+                let agent_config = state.agent_config();
+                l.mesh = start_mesh(&opts, agent_config.as_ref(), &mut l.check).await;
+                l.check.set_cilium_mesh(cilium_mesh(state.cilium.as_ref()));
+                state.remotes_unreachable = remotes_unreachable(l);
+                publish_mesh(&metrics, l);
+                dirty_since.get_or_insert(now);
+            }
+        }
         if let Some(why) = lost_live {
             // Cilium re-creating its maps: start over with fresh handles.
             tracing::warn!(event = "datapath-reopen", reason = %why, "datapath maps changed under kvcheck; re-opening them");
@@ -639,6 +752,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     l.check.set_health(h.clone());
                 }
                 publish_sources(&metrics, l);
+                publish_mesh(&metrics, l);
                 // Time-dependent findings (heartbeat age) and the node-scale sections.
                 if refresh(&opts, l, false, None).await.is_ok() {
                     evaluate(&mut state, l);

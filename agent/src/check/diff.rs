@@ -15,11 +15,12 @@ use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::inuse::LiveMaps;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::reader::KvstoreSnapshot;
-use crate::kvstore::values::{self, IpEntry, IP_PREFIX};
+use crate::kvstore::values::{self, IpEntry};
 use crate::kvstore::view::age_seconds;
 use crate::model::identity::{self, IdentityScope};
 use crate::model::source::StateSource;
 use crate::model::version::Layout;
+use crate::clustermesh::Owner;
 
 /// Operators' default: the operator rewrites the heartbeat every minute.
 pub const HEARTBEAT_STALE_AFTER_SECONDS: i64 = 5 * 60;
@@ -46,6 +47,9 @@ pub struct Finding {
     /// (objects, named in `kvstore_keys` as `CiliumEndpoint default/pod-a`), or `null` (the
     /// datapath alone).
     pub source: Option<StateSource>,
+    /// The ClusterMesh remote cluster the finding is about (its entries, its kvstore), or
+    /// `null` for this node's own cluster.
+    pub cluster: Option<String>,
 }
 
 impl Finding {
@@ -60,6 +64,7 @@ impl Finding {
             expected: None,
             kvstore_keys: Vec::new(),
             source: None,
+            cluster: None,
         }
     }
 
@@ -98,13 +103,22 @@ pub fn ip_reference(kv: &KvstoreSnapshot, prefix: &IpNet) -> String {
     }
 }
 
+/// The key a remote cluster would hold a prefix's pod IP under (its state or cache prefix).
+fn remote_ip_key(r: &crate::clustermesh::RemoteCluster, prefix: &IpNet) -> String {
+    match &r.prefixes {
+        Some(p) => key_under(&p.ips, prefix),
+        None => ip_key(prefix),
+    }
+}
+
 /// The `ip/v1` key Cilium would use for a prefix.
 pub fn ip_key(prefix: &IpNet) -> String {
-    if prefix.prefix_len() == prefix.max_prefix_len() {
-        format!("{IP_PREFIX}default/{}", prefix.addr())
-    } else {
-        format!("{IP_PREFIX}default/{prefix}")
-    }
+    key_under(values::IP_DEFAULT_SPACE, prefix)
+}
+
+/// `<base><ip>` for a host prefix, `<base><ip>/<bits>` otherwise.
+fn key_under(base: &str, prefix: &IpNet) -> String {
+    if prefix.prefix_len() == prefix.max_prefix_len() { format!("{base}{}", prefix.addr()) } else { format!("{base}{prefix}") }
 }
 
 fn show(ip: &Option<IpAddr>) -> String {
@@ -235,9 +249,11 @@ pub fn diff_scoped<'a>(
 ) -> Vec<Finding> {
     let kv = KvIndex::new(obs.kvstore);
     let mut out = Vec::new();
-    for p in prefixes {
+    let prefixes: Vec<&IpNet> = prefixes.into_iter().collect();
+    for p in &prefixes {
         ipcache_prefix(p, exp.ipcache.get(p), observed(p), obs, &kv, &mut out);
     }
+    overlaps(exp, prefixes.into_iter(), &mut out);
     node_sections(exp, ctx, obs, &kv, used, &mut out);
     // Not an ipcache kind, so every re-check recomputes them (CRD mode only: one pass).
     endpoint_objects(obs, &mut out);
@@ -254,6 +270,8 @@ pub fn is_ipcache_kind(kind: FindingKind) -> bool {
             | FindingKind::IpcacheIdentityMismatch
             | FindingKind::IpcacheTunnelMismatch
             | FindingKind::IpcacheEncryptKeyMismatch
+            | FindingKind::IpcacheUnknownCluster
+            | FindingKind::ClustermeshIpOverlap
     )
 }
 
@@ -265,6 +283,66 @@ fn node_sections(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, kv:
     kvstore_health(obs, out);
     map_pressure(obs, out);
     datapath_maps(obs, out);
+    remote_clusters(obs, used, out);
+}
+
+/// ClusterMesh, node-scale: remotes Cilium refuses, remote values it skips, and the remote
+/// identities this node's datapath uses: missing in their cluster, or refused by Cilium (no
+/// cluster label, another cluster's id bits: #32060, #36338).
+fn remote_clusters(obs: &Observed<'_>, used: &IdentityUsers, out: &mut Vec<Finding>) {
+    let Some(m) = obs.kvstore.mesh.as_deref().filter(|m| m.active()) else { return };
+    for r in &m.remotes {
+        let key = format!("{}{}", crate::clustermesh::config::CLUSTER_CONFIG_PREFIX, r.name);
+        if matches!(r.status, crate::clustermesh::RemoteStatus::NoClusterConfig | crate::clustermesh::RemoteStatus::InvalidConfig) {
+            let mut f = Finding::new(FindingKind::RemoteClusterConfigInvalid, &r.name, format!("cluster {}: {}", r.name, r.reason.as_deref().unwrap_or_default()))
+                .kvstore(json!({"key": crate::clustermesh::remote_reference(&r.name, &key), "value": r.cluster_config, "config_file": r.config_file}));
+            f.cluster = Some(r.name.clone());
+            out.push(f);
+        }
+        for bad in &r.rejected {
+            out.push(Finding::new(FindingKind::KvstoreMalformed, &bad.meta.key, format!("{}: {}", bad.meta.key, bad.reason)).kvstore(bad).keys([bad.meta.key.clone()]));
+        }
+    }
+    // Remote pods whose identity is not their cluster's: Cilium v1.17+ drops them, v1.16 keeps them.
+    let mut by_ip: BTreeMap<u32, (&crate::clustermesh::RemoteCluster, Vec<IpNet>)> = BTreeMap::new();
+    for r in m.judged() {
+        for e in r.ips.iter().filter(|e| m.local.cluster_of(e.identity).is_some_and(|c| Some(c) != r.id())) {
+            by_ip.entry(e.identity).or_insert((r, Vec::new())).1.push(e.prefix);
+        }
+    }
+    // Remote identities live in their cluster's kvstore whatever the local identity mode.
+    for (id, (n, prefixes)) in &used.by_id {
+        let Some(r) = m.remote_of_identity(*id).filter(|r| r.status.judged()) else { continue };
+        let reference = crate::clustermesh::remote_reference(&r.name, &format!("{}{id}", r.prefixes.as_ref().map_or(values::IDENTITY_ID_PREFIX, |p| p.identities.as_str())));
+        if let Some((ident, why)) = r.invalid_identities.get(id) {
+            out.push(
+                Finding::new(FindingKind::RemoteIdentityInvalid, id.to_string(), format!("identity {id} of cluster {} is used by {n} ipcache entries ({}), but Cilium refuses it: {why}", r.name, show_prefixes(prefixes, *n)))
+                    .datapath(json!({"ipcache_entries": n, "prefixes": prefixes}))
+                    .kvstore(json!({"key": reference, "value": ident.labels, "revision": r.revision}))
+                    .keys([reference]),
+            );
+        } else if !r.identities.contains_key(id) {
+            out.push(
+                Finding::new(FindingKind::IdentityMissing, id.to_string(), format!("identity {id} is used on this node by {n} ipcache entries ({}) but cluster {} has no {reference}", show_prefixes(prefixes, *n), r.name))
+                    .datapath(json!({"ipcache_entries": n, "prefixes": prefixes, "local_endpoint": false}))
+                    .kvstore(json!({"key": reference, "value": null, "revision": r.revision}))
+                    .keys([reference]),
+            );
+        }
+    }
+    for (id, (r, prefixes)) in by_ip {
+        let (lo, hi) = r.id().map(|c| m.local.range_of(c)).unwrap_or_default();
+        let keys: Vec<String> = prefixes.iter().take(IDENTITY_EVIDENCE_PREFIXES).map(|p| crate::clustermesh::remote_reference(&r.name, &remote_ip_key(r, p))).collect();
+        out.push(
+            Finding::new(
+                FindingKind::RemoteIdentityInvalid,
+                id.to_string(),
+                format!("cluster {} gives {} pod IPs ({}) identity {id}, outside its range {lo}-{hi} (cluster id {:?}): Cilium v1.17+ drops them, v1.16 keeps them", r.name, prefixes.len(), show_prefixes(&prefixes[..prefixes.len().min(IDENTITY_EVIDENCE_PREFIXES)], prefixes.len()), m.local.cluster_of(id)),
+            )
+            .kvstore(json!({"cluster_range": [lo, hi], "identity_cluster_id": m.local.cluster_of(id), "revision": r.revision}))
+            .keys(keys),
+        );
+    }
 }
 
 /// The maps the attached programs use against the pins: another map under a name kvcheck
@@ -296,6 +374,9 @@ fn finish(mut out: Vec<Finding>) -> Vec<Finding> {
     out.retain(|f| seen.insert(f.id()));
     for f in &mut out {
         f.source = f.kvstore_keys.first().map(|k| StateSource::of_reference(k));
+        if f.cluster.is_none() {
+            f.cluster = f.kvstore_keys.iter().find_map(|k| crate::clustermesh::cluster_of_reference(k)).map(str::to_owned);
+        }
     }
     out.sort_by(|a, b| (a.severity, a.kind, &a.subject).cmp(&(b.severity, b.kind, &b.subject)));
     out
@@ -315,6 +396,26 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut 
     }
     for (prefix, e) in exp.ipcache.iter().filter(|(p, _)| !seen.contains(*p)) {
         ipcache_prefix(prefix, Some(e), None, obs, kv, out);
+    }
+    overlaps(exp, exp.overlaps.keys(), out);
+}
+
+/// One prefix announced by two clusters (overlapping pod CIDRs, an IP reused across the mesh):
+/// the local cluster's entry wins in Cilium, between remotes the last event does.
+fn overlaps<'a>(exp: &ExpectedState, prefixes: impl Iterator<Item = &'a IpNet>, out: &mut Vec<Finding>) {
+    for p in prefixes {
+        let Some(sides) = exp.overlaps.get(p) else { continue };
+        let names: Vec<String> = sides.iter().map(|(c, k)| format!("{} ({})", c.as_deref().unwrap_or("the local cluster"), k.as_deref().unwrap_or("a local address"))).collect();
+        let local = sides.iter().any(|(c, _)| c.is_none());
+        let mut f = Finding::new(
+            FindingKind::ClustermeshIpOverlap,
+            p.to_string(),
+            format!("{p} is announced by {}; {}", names.join(" and "), if local { "Cilium keeps the local cluster's entry" } else { "Cilium keeps whichever remote it heard last, and a delete from either removes it" }),
+        )
+        .expected(exp.ipcache.get(p))
+        .kvstore(json!({"announced_by": sides.iter().map(|(c, k)| json!({"cluster": c, "key": k})).collect::<Vec<_>>()}));
+        f.cluster = sides.iter().find_map(|(c, _)| c.clone());
+        out.push(f);
     }
 }
 
@@ -337,6 +438,40 @@ fn ipcache_prefix(prefix: &IpNet, exp: Option<&Expectation>, observed: Option<&I
             return;
         }
         (None, Some(o)) => {
+            if let Some(m) = obs.kvstore.mesh.as_deref() {
+                match m.owner(prefix, o.identity, o.tunnel_endpoint) {
+                    Owner::Local => {}
+                    Owner::Remote(r) if r.status.judged() => {
+                        let key = crate::clustermesh::remote_reference(&r.name, &remote_ip_key(r, prefix));
+                        out.push(
+                            Finding::new(
+                                FindingKind::IpcacheStale,
+                                &subject,
+                                format!("{subject} -> identity {} via {} is in the ipcache as cluster {}'s, but cluster {} has no entry for it", identity::describe(o.identity), show(&o.tunnel_endpoint), r.name, r.name),
+                            )
+                            .datapath(o)
+                            .kvstore(json!({"key": key, "value": null, "revision": r.revision}))
+                            .keys([key]),
+                        );
+                        return;
+                    }
+                    // Cilium keeps a remote's entries while it cannot reach it or has not synced it.
+                    Owner::Remote(_) | Owner::Unattributable => return,
+                    Owner::UnknownCluster(c) => {
+                        let known: Vec<String> = m.remotes.iter().filter_map(|r| Some(format!("{} = {}", r.name, r.id()?))).collect();
+                        out.push(
+                            Finding::new(
+                                FindingKind::IpcacheUnknownCluster,
+                                &subject,
+                                format!("{subject} -> identity {} is cluster id {c}'s, which no configured remote cluster has (known: {})", identity::describe(o.identity), if known.is_empty() { "none".to_owned() } else { known.join(", ") }),
+                            )
+                            .datapath(o)
+                            .kvstore(json!({"cluster_id": c, "remotes": known, "local_cluster_id": m.local.id, "config_dir": m.config_dir})),
+                        );
+                        return;
+                    }
+                }
+            }
             if identity::scope(o.identity) != IdentityScope::Local {
                 // Local-scope (CIDR/FQDN) identities are node-local: not in the kvstore by design.
                 out.push(
@@ -419,8 +554,10 @@ impl<'a> KvIndex<'a> {
     /// The decoded node or ip/v1 value stored under `key`.
     fn value(&self, key: &str) -> Option<Value> {
         let index = self.by_key.get_or_init(|| {
-            let nodes = self.kv.nodes.iter().map(|n| (n.meta.key.as_str(), KvValue::Node(n)));
-            nodes.chain(self.kv.ips.iter().map(|e| (e.meta.key.as_str(), KvValue::Ip(e)))).collect()
+            let remotes = self.kv.mesh.iter().flat_map(|m| m.remotes.iter());
+            let nodes = self.kv.nodes.iter().chain(remotes.clone().flat_map(|r| r.nodes.iter())).map(|n| (n.meta.key.as_str(), KvValue::Node(n)));
+            let ips = self.kv.ips.iter().chain(remotes.flat_map(|r| r.ips.iter()));
+            nodes.chain(ips.map(|e| (e.meta.key.as_str(), KvValue::Ip(e)))).collect()
         });
         match index.get(key)? {
             KvValue::Node(n) => serde_json::to_value(n).ok(),
@@ -431,7 +568,8 @@ impl<'a> KvIndex<'a> {
     /// Kvstore evidence for a key: the decoded value with the snapshot's revision.
     fn evidence(&self, key: Option<&str>) -> Value {
         let Some(key) = key else { return Value::Null };
-        json!({"key": key, "value": self.value(key), "revision": self.kv.revision})
+        let remote = crate::clustermesh::cluster_of_reference(key).and_then(|c| self.kv.mesh.as_ref()?.remote(c));
+        json!({"key": key, "value": self.value(key), "revision": remote.map_or(self.kv.revision, |r| r.revision)})
     }
 }
 
@@ -662,8 +800,10 @@ fn tunnel(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut V
             Some(_) => {}
         }
     }
+    let mesh = obs.kvstore.mesh.as_deref();
     for (prefix, o) in &observed {
-        if !expected.contains_key(prefix) {
+        let unjudged_remote = || mesh.is_some_and(|m| matches!(m.owner(&IpNet::from(*prefix), identity::WORLD, Some(o.tunnel_endpoint)), Owner::Unattributable));
+        if !expected.contains_key(prefix) && !unjudged_remote() {
             out.push(
                 Finding::new(FindingKind::TunnelStale, prefix.to_string(), format!("tunnel map sends {prefix} to {}, but no node in the kvstore owns that pod CIDR", o.tunnel_endpoint))
                     .datapath(o),
@@ -689,8 +829,13 @@ fn kvstore_health(obs: &Observed<'_>, out: &mut Vec<Finding>) {
             by_cluster.entry(cluster).or_default().insert(prefix);
         }
     }
-    for (cluster, have) in by_cluster {
-        let missing: Vec<&str> = CANARIES.iter().copied().filter(|c| !have.contains(c)).collect();
+    // A configured remote's canaries gate its judging instead (its status says not-synced).
+    let remote = |c: &str| kv.mesh.as_ref().is_some_and(|m| m.remote(c).is_some());
+    for (cluster, have) in by_cluster.into_iter().filter(|(c, _)| !remote(c)) {
+        // KVStoreMesh writes its canaries for the cilium/cache/ copies it keeps.
+        let cached = have.iter().any(|p| p.starts_with("cilium/cache/"));
+        let wanted: Vec<String> = CANARIES.iter().map(|c| if cached { c.replacen("cilium/state/", "cilium/cache/", 1) } else { (*c).to_owned() }).collect();
+        let missing: Vec<&str> = wanted.iter().map(String::as_str).filter(|c| !have.contains(c)).collect();
         if !missing.is_empty() {
             out.push(
                 Finding::new(FindingKind::KvstoreNotSynced, cluster, format!("cluster {cluster} has sync canaries for {} but not for {}", have.iter().copied().collect::<Vec<_>>().join(", "), missing.join(", ")))

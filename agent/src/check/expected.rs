@@ -45,6 +45,9 @@ pub struct Expectation {
     pub rule: &'static str,
     /// The kvstore key (or Kubernetes object) behind it, if one.
     pub kvstore_key: Option<String>,
+    /// The ClusterMesh remote cluster it comes from (`None`: this node's own cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 impl Expectation {
@@ -91,6 +94,8 @@ pub struct ExpectedState {
     pub assumptions: Vec<String>,
     /// Why the identities are not checked against `identities/v1/id/` (they live elsewhere).
     pub identities_not_checked: Option<String>,
+    /// Prefixes two clusters announce (ClusterMesh): each side's cluster (`None`: local) and key.
+    pub overlaps: BTreeMap<IpNet, Vec<(Option<String>, Option<String>)>>,
 }
 
 /// Whether the identities the datapath uses can be checked: where Cilium allocates them in the
@@ -145,17 +150,6 @@ fn set<T: Ord>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
     items.into_iter().collect()
 }
 
-impl ExpectedState {
-    fn expect(&mut self, prefix: IpNet, e: Expectation) {
-        match self.ipcache.get_mut(&prefix) {
-            Some(existing) => existing.merge(e),
-            None => {
-                self.ipcache.insert(prefix, e);
-            }
-        }
-    }
-}
-
 /// Keys an entry may carry given the node's announced key `k`: exactly `k` when encryption is
 /// known on, `0` when known off, and either when unknown.
 fn keys_for(config: &DatapathConfig, k: u8) -> Option<BTreeSet<u8>> {
@@ -206,6 +200,8 @@ struct Builder<'w> {
     wanted: &'w dyn Fn(&IpNet) -> bool,
     /// Nodes and pod IPs are CiliumNode / CiliumEndpoint objects (CRD mode).
     from_objects: bool,
+    /// The remote cluster whose entries are being derived (`None`: the local one).
+    cluster: Option<String>,
 }
 
 /// A rule's name, saying where its input came from: the kvstore's name or the object's.
@@ -215,14 +211,34 @@ fn named(from_objects: bool, kvstore: &'static str, objects: &'static str) -> &'
 
 impl Builder<'_> {
     fn expect(&mut self, prefix: IpNet, make: impl FnOnce() -> Expectation) {
-        if (self.wanted)(&prefix) {
-            self.exp.expect(prefix, make());
+        if !(self.wanted)(&prefix) {
+            return;
+        }
+        let mut e = make();
+        e.cluster = self.cluster.clone();
+        let Some(existing) = self.exp.ipcache.get_mut(&prefix) else {
+            self.exp.ipcache.insert(prefix, e);
+            return;
+        };
+        if existing.cluster != e.cluster && existing.required && e.required {
+            let overlap = self.exp.overlaps.entry(prefix).or_default();
+            for x in [&*existing, &e] {
+                let side = (x.cluster.clone(), x.kvstore_key.clone());
+                if !overlap.contains(&side) {
+                    overlap.push(side);
+                }
+            }
+        }
+        // Cilium's precedence (pkg/source): the local cluster's sources rank above
+        // `clustermesh`; two remotes share one source, so either may have written last.
+        if existing.cluster.is_some() || e.cluster.is_none() {
+            existing.merge(e);
         }
     }
 }
 
 fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>, ctx: &NodeContext, wanted: &dyn Fn(&IpNet) -> bool) -> ExpectedState {
-    let mut b = Builder { exp: ExpectedState::default(), wanted, from_objects: snap.origin.endpoints == StateSource::Kubernetes };
+    let mut b = Builder { exp: ExpectedState::default(), wanted, from_objects: snap.origin.endpoints == StateSource::Kubernetes, cluster: None };
     let node = own_node(snap, ctx).cloned();
     b.exp.identities_not_checked = identities_not_checked(snap, &ctx.config, node.as_ref());
     let families = families(ctx, node.as_ref(), &mut b.exp.assumptions);
@@ -251,8 +267,46 @@ fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>,
             remote_tunnel_entries(&mut tunnel_map, &r);
         }
     }
+    // ClusterMesh: each remote Cilium has synced is one more source of pods and nodes, under
+    // the same rules (docs/cilium-expected-state.md, "ClusterMesh").
+    b.from_objects = false;
+    let local = snap.mesh.as_ref().map(|m| m.local.clone()).unwrap_or_default();
+    for r in snap.mesh.iter().filter(|m| m.active()).flat_map(|m| m.judged()) {
+        b.cluster = Some(r.name.clone());
+        for e in &r.ips {
+            remote_cluster_pod(&mut b, ctx, e, &remote_node_ids, &local, r);
+        }
+        for n in &r.nodes {
+            let rn = RemoteNode::new(n, ctx, true);
+            remote_node_addresses(&mut b, ctx, &rn, &remote_node_ids);
+            remote_health_and_ingress(&mut b, ctx, &rn);
+            remote_pod_cidrs(&mut b, ctx, &rn, families);
+            if ctx.layout.has_tunnel_map() && tunnel_on {
+                // A pod CIDR both clusters use (overlapping CIDRs) keeps the local node's.
+                let mut remote_map = BTreeMap::new();
+                remote_tunnel_entries(&mut remote_map, &rn);
+                for (cidr, t) in remote_map {
+                    tunnel_map.entry(cidr).or_insert(t);
+                }
+            }
+        }
+    }
     b.exp.tunnel = (ctx.layout.has_tunnel_map() && tunnel_on).then_some(tunnel_map);
     b.exp
+}
+
+/// A remote cluster's pod (its `ip/v1` entry): the remote-pod rule, except that an identity
+/// outside the cluster's range is dropped by Cilium v1.17+ and kept by v1.16 (present or not,
+/// both are Cilium's; the identity itself is reported, see `check::diff`).
+fn remote_cluster_pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BTreeSet<u32>, local: &crate::clustermesh::LocalCluster, r: &crate::clustermesh::RemoteCluster) {
+    let out_of_range = local.cluster_of(e.identity).is_some_and(|c| Some(c) != r.id());
+    let before = b.exp.ipcache.get(&e.prefix).is_some_and(|x| x.required);
+    pod(b, ctx, e, remote_node_ids);
+    if out_of_range && !before {
+        if let Some(x) = b.exp.ipcache.get_mut(&e.prefix) {
+            x.required = false;
+        }
+    }
 }
 
 /// Which address families the agent runs (node_config.h, else guessed from the node entry).
@@ -325,6 +379,7 @@ fn world(b: &mut Builder<'_>, ctx: &NodeContext, families: Families) {
                 required: true,
                 rule: "world",
                 kvstore_key: None,
+                cluster: None,
             });
         }
     }
@@ -345,6 +400,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
                 required: true,
                 rule: named(objects, "this node's address (nodes/v1)", "this node's address (CiliumNode)"),
                 kvstore_key: Some(n.meta.key.clone()),
+                cluster: None,
             });
             if ctx.local_addresses.contains(&a.ip) {
                 b.exp.host_entries.insert(a.ip, true);
@@ -359,6 +415,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
                     required: true,
                     rule: named(objects, "this node's health endpoint (nodes/v1)", "this node's health endpoint (CiliumNode)"),
                     kvstore_key: Some(n.meta.key.clone()),
+                    cluster: None,
                 });
             }
         }
@@ -375,6 +432,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
             required: false,
             rule: "local interface address",
             kvstore_key: None,
+            cluster: None,
         });
     }
 }
@@ -402,6 +460,7 @@ fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BT
             (false, true) => "remote pod (CiliumEndpoint)",
         },
         kvstore_key: Some(e.meta.key.clone()),
+        cluster: None,
     });
     if hosted_here && e.prefix.prefix_len() == e.prefix.max_prefix_len() {
         b.exp.local_ips.insert(e.prefix.addr(), e.clone());
@@ -456,6 +515,7 @@ fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<
             required: r.required && (is_internal || ctx.layout >= Layout::V1_14),
             rule: if objects { "remote node address (CiliumNode)" } else { r.rule("remote node address (nodes/v1)", "deleted node's address, in Cilium's hold-off (nodes/v1)") },
             kvstore_key: Some(n.meta.key.clone()),
+            cluster: None,
         });
     }
 }
@@ -485,6 +545,7 @@ fn remote_health_and_ingress(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteN
             required: r.required,
             rule,
             kvstore_key: Some(n.meta.key.clone()),
+            cluster: None,
         });
     }
 }
@@ -505,6 +566,7 @@ fn remote_pod_cidrs(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, 
             required: r.required,
             rule: if objects { "remote pod CIDR (CiliumNode, v1.18+)" } else { r.rule("remote pod CIDR (nodes/v1, v1.18+)", "deleted node's pod CIDR, in Cilium's hold-off (nodes/v1, v1.18+)") },
             kvstore_key: Some(n.meta.key.clone()),
+            cluster: None,
         });
     }
 }

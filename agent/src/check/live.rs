@@ -26,7 +26,7 @@ use crate::kvstore::history::HeldNode;
 use crate::k8s::decode;
 use crate::k8s::watch::{DecodedObject, ObjectChange};
 use crate::kvstore::reader;
-use crate::kvstore::values::{KvMeta, NodeEntry, IP_PREFIX, NODES_PREFIX};
+use crate::kvstore::values::{KvMeta, NodeEntry, IP_DEFAULT_SPACE, IP_PREFIX, NODES_PREFIX};
 use crate::kvstore::watch::Change;
 use crate::model::identity::{self, IdentityScope};
 use crate::model::source::StateSource;
@@ -92,6 +92,9 @@ pub struct LiveCheck {
     /// Cilium's node-delete hold-off: a remote node's entries stay expected (optional) this
     /// long after its key was seen deleted.
     hold_off: std::time::Duration,
+    /// The Cilium agent's view of its remote clusters (its API), when known: only what it
+    /// has synced is judged.
+    cilium_mesh: Option<Vec<crate::cilium::models::RemoteCluster>>,
     full: bool,
     reread: bool,
 }
@@ -115,6 +118,7 @@ impl LiveCheck {
             touched: HashSet::new(),
             id_users: HashMap::new(),
             hold_off: std::time::Duration::ZERO,
+            cilium_mesh: None,
             full: true,
             reread: false,
         };
@@ -149,7 +153,9 @@ impl LiveCheck {
     /// entries are scanned only then).
     fn identity_users(&self) -> diff::IdentityUsers {
         let kv = &self.reading.kvstore;
-        let missing: HashSet<u32> = self.id_users.keys().copied().filter(|id| !kv.identities.contains_key(id)).collect();
+        // (A remote cluster's identities are in its own kvstore.)
+        let in_remote = |id: &u32| kv.mesh.as_ref().and_then(|m| m.remote_of_identity(*id)).is_some_and(|r| r.identities.contains_key(id));
+        let missing: HashSet<u32> = self.id_users.keys().copied().filter(|id| !kv.identities.contains_key(id) && !in_remote(id)).collect();
         let mut users = diff::IdentityUsers::default();
         if !missing.is_empty() {
             let ips = kv.ips.iter().filter(|e| missing.contains(&e.identity));
@@ -175,7 +181,7 @@ impl LiveCheck {
         }
         self.ip_at = ip_at;
         self.objects = objects.into_iter().map(|(k, v)| (k, v.into())).collect();
-        self.other_spaces = ips.iter().filter(|e| !e.meta.key.starts_with(DEFAULT_SPACE)).count();
+        self.other_spaces = ips.iter().filter(|e| !e.meta.key.starts_with(IP_DEFAULT_SPACE)).count();
     }
 
     /// Removes the `ip/v1` entry at `i` (the last one takes its place, and its index entry
@@ -185,7 +191,7 @@ impl LiveCheck {
         let last = snap.ips.len() - 1;
         let gone = snap.ips.swap_remove(i);
         self.count_identity(gone.identity, -1);
-        self.other_spaces -= usize::from(!gone.meta.key.starts_with(DEFAULT_SPACE));
+        self.other_spaces -= usize::from(!gone.meta.key.starts_with(IP_DEFAULT_SPACE));
         let Some(moved) = self.reading.kvstore.ips.get(i) else { return };
         if moved.meta.key.starts_with(IP_PREFIX) {
             self.ip_at.insert(Box::from(moved.meta.key.as_str()), i);
@@ -289,7 +295,7 @@ impl LiveCheck {
             let at: Box<[u32]> = (kv.ips.len()..kv.ips.len() + ips.len()).map(|i| i as u32).collect();
             for e in &ips {
                 self.touched.insert(e.prefix);
-                self.other_spaces += usize::from(!e.meta.key.starts_with(DEFAULT_SPACE));
+                self.other_spaces += usize::from(!e.meta.key.starts_with(IP_DEFAULT_SPACE));
                 self.count_identity(e.identity, 1);
             }
             self.reading.kvstore.ips.extend(ips);
@@ -418,6 +424,43 @@ impl LiveCheck {
         self.reading.health = health;
     }
 
+    /// ClusterMesh: the remote clusters as first read (or read again after the config
+    /// directory changed); everything is re-checked.
+    pub fn set_mesh(&mut self, mesh: Option<crate::clustermesh::Mesh>) {
+        self.reading.kvstore.mesh = mesh.map(Box::new);
+        self.gate_mesh();
+        self.full = true;
+    }
+
+    /// One remote cluster's change (its watch): its state replaces the old one.
+    pub fn apply_remote(&mut self, update: crate::clustermesh::watch::RemoteUpdate) {
+        let Some(mesh) = self.reading.kvstore.mesh.as_deref_mut() else { return };
+        let Some(slot) = mesh.remotes.iter_mut().find(|r| r.name == update.remote.name) else { return };
+        let (was, name) = (slot.status, update.remote.name.clone());
+        *slot = update.remote;
+        self.touched.extend(update.touched);
+        self.gate_mesh();
+        let now = self.reading.kvstore.mesh.as_ref().and_then(|m| m.remote(&name)).map(|r| r.status);
+        // A remote judged or no longer judged: every entry it may own is re-checked.
+        self.full |= update.full || now != Some(was);
+    }
+
+    /// The Cilium agent's view of its remotes (`None`: its API is not available).
+    pub fn set_cilium_mesh(&mut self, cilium: Option<Vec<crate::cilium::models::RemoteCluster>>) {
+        self.cilium_mesh = cilium;
+        if self.gate_mesh() {
+            self.full = true;
+        }
+    }
+
+    /// Judges only the remotes Cilium has synced; whether that changed a remote's status.
+    fn gate_mesh(&mut self) -> bool {
+        match (self.reading.kvstore.mesh.as_deref_mut(), &self.cilium_mesh) {
+            (Some(m), Some(c)) => crate::clustermesh::reader::gate_on_cilium(m, c),
+            _ => false,
+        }
+    }
+
     /// Models Cilium's node-delete hold-off (0: a deleted node's entries are stale at once).
     pub fn set_hold_off(&mut self, hold_off: std::time::Duration) {
         self.hold_off = hold_off;
@@ -499,7 +542,7 @@ impl LiveCheck {
                     if e.host_ip.is_some_and(|h| self.hosts.contains(&h)) {
                         self.hosted.insert(Box::from(key.as_str()));
                     }
-                    self.other_spaces += usize::from(!key.starts_with(DEFAULT_SPACE));
+                    self.other_spaces += usize::from(!key.starts_with(IP_DEFAULT_SPACE));
                     self.count_identity(id, 1);
                 }
                 self.touch_key(key);
@@ -633,8 +676,6 @@ fn same_but_revision<T: Clone + PartialEq>(a: &T, b: &T, meta: impl Fn(&mut T) -
     a == b2
 }
 
-/// The `ip/v1` address space Cilium writes every entry in.
-const DEFAULT_SPACE: &str = "cilium/state/ip/v1/default/";
 
 /// Changed ipcache entries kept aside before they are merged into the sorted list.
 const MAX_IPCACHE_CHANGES: usize = 65_536;

@@ -48,6 +48,8 @@ pub struct CheckOptions {
     pub cilium: CiliumOptions,
     /// The Kubernetes API (CRD mode, CRD identities).
     pub kube: KubeOptions,
+    /// ClusterMesh: where the remote clusters are configured, and the local cluster's id.
+    pub mesh: crate::clustermesh::reader::MeshOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,8 @@ pub struct Sources {
     pub kubernetes: Option<KubernetesSource>,
     /// Where the identities the datapath uses were checked, or why not.
     pub identities: IdentitiesSource,
+    /// ClusterMesh: the local cluster and each remote's state (`synced` ones were judged).
+    pub clustermesh: Option<crate::clustermesh::Mesh>,
     /// `None` when the datapath was not read (the Cilium agent was not ready).
     pub datapath: Option<DatapathSource>,
     pub kvstore: KvstoreSource,
@@ -284,10 +288,13 @@ struct StateReader {
     /// Identities in the kvstore (`Some(true)`), as objects (`Some(false)`), or not known.
     identities_in_kvstore: Option<bool>,
     cluster_id: u32,
+    agent: Option<crate::cilium::state::AgentConfig>,
+    /// The Cilium agent's own view of each remote (its API), to judge only what it synced.
+    cilium_mesh: Option<Vec<crate::cilium::models::RemoteCluster>>,
 }
 
 impl StateReader {
-    async fn connect(opts: &CheckOptions, cfg: &DatapathConfig, agent: Option<&crate::cilium::state::AgentConfig>) -> Result<(StateReader, ClusterHealth), CheckError> {
+    async fn connect(opts: &CheckOptions, cfg: &DatapathConfig, agent: Option<&crate::cilium::state::AgentConfig>, cilium_mesh: Option<&[crate::cilium::models::RemoteCluster]>) -> Result<(StateReader, ClusterHealth), CheckError> {
         let crd_mode = cfg.crd_mode() == Some(true);
         let identities_in_kvstore = if crd_mode { Some(false) } else { cfg.identities_in_kvstore() };
         let (kube, kube_access) = if identities_in_kvstore == Some(true) {
@@ -316,6 +323,8 @@ impl StateReader {
             slices: cfg.endpoint_slices.unwrap_or(false),
             identities_in_kvstore,
             cluster_id: agent.and_then(|a| a.cluster_id).unwrap_or(0),
+            agent: agent.cloned(),
+            cilium_mesh: cilium_mesh.map(<[_]>::to_vec),
         };
         Ok((reader, health))
     }
@@ -329,7 +338,23 @@ impl StateReader {
             crate::k8s::reader::read_endpoints(kube, &opts.kube, &opts.cluster, self.cluster_id, self.slices, &mut snap).await?;
         }
         self.read_identities(opts, &mut snap).await;
+        self.read_mesh(opts, &mut snap).await?;
         Ok(snap)
+    }
+
+    /// ClusterMesh: every configured remote, read as the agent reads it.
+    async fn read_mesh(&self, opts: &CheckOptions, snap: &mut KvstoreSnapshot) -> Result<(), CheckError> {
+        let local = crate::clustermesh::reader::local_cluster(&opts.mesh, &opts.cluster, &opts.node_name, self.agent.as_ref(), snap);
+        let (mut mesh, files) = crate::clustermesh::reader::discover(&opts.mesh, local).map_err(CheckError::Unsupported)?;
+        if !mesh.in_use() {
+            return Ok(());
+        }
+        crate::clustermesh::reader::read_all(&mut mesh, &files, &opts.mesh).await;
+        if let Some(status) = &self.cilium_mesh {
+            let _ = crate::clustermesh::reader::gate_on_cilium(&mut mesh, status);
+        }
+        snap.mesh = Some(Box::new(mesh));
+        Ok(())
     }
 
     /// Identities from CiliumIdentity objects where Cilium keeps them there (or, the mode not
@@ -360,7 +385,15 @@ impl StateReader {
     /// Re-reads what `keys` name: etcd keys one by one, Kubernetes objects by listing their
     /// kind again.
     async fn reread(&self, opts: &CheckOptions, snap: &mut KvstoreSnapshot, keys: &BTreeSet<String>) -> Result<Option<i64>, CheckError> {
-        let (kvstore, objects): (BTreeSet<String>, BTreeSet<String>) = keys.iter().cloned().partition(|k| StateSource::of_reference(k) == StateSource::Kvstore);
+        let (remote, keys): (BTreeSet<String>, BTreeSet<String>) = keys.iter().cloned().partition(|k| crate::clustermesh::cluster_of_reference(k).is_some());
+        let (kvstore, objects): (BTreeSet<String>, BTreeSet<String>) = keys.into_iter().partition(|k| StateSource::of_reference(k) == StateSource::Kvstore);
+        if let Some(mesh) = snap.mesh.as_deref_mut() {
+            let clusters: BTreeSet<&str> = remote.iter().filter_map(|k| crate::clustermesh::cluster_of_reference(k)).collect();
+            crate::clustermesh::reader::reread(mesh, &clusters, &opts.mesh).await;
+            if let Some(status) = &self.cilium_mesh {
+                let _ = crate::clustermesh::reader::gate_on_cilium(mesh, status);
+            }
+        }
         let mut revision = None;
         if let Some(etcd) = &self.etcd {
             revision = Some(reread_keys(etcd, snap, &kvstore).await?);
@@ -415,7 +448,8 @@ pub async fn run_check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
         if !before.state.judge() {
             return Ok(not_judged(opts, before, started.elapsed()).await);
         }
-        let pass = check_pass(opts, before.config.as_ref()).await?;
+        let cilium_mesh = (before.source == "api").then_some(before.cluster_mesh.as_slice());
+        let pass = check_pass(opts, before.config.as_ref(), cilium_mesh).await?;
         // A restart that began while kvcheck read would show as drift: look again, and check
         // afresh when the agent or its map pins changed meanwhile.
         let mut after = agent.observe().await;
@@ -436,8 +470,8 @@ fn pins_of(st: &CiliumAgentState) -> Vec<(String, u32)> {
 }
 
 /// One check of the node, with the node-delete hold-off waited out when needed.
-async fn check_pass(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>) -> Result<Pass, CheckError> {
-    let mut pass = check_once(opts, agent, &[]).await?;
+async fn check_pass(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>, cilium_mesh: Option<&[crate::cilium::models::RemoteCluster]>) -> Result<Pass, CheckError> {
+    let mut pass = check_once(opts, agent, cilium_mesh, &[]).await?;
     if opts.hold_off_wait && !pass.hold_off.held.is_empty() {
         // A deleted node's entries are still there and its delete cannot be placed far enough
         // back: wait until Cilium has certainly applied it (a delete is never later than the
@@ -447,7 +481,7 @@ async fn check_pass(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
         tracing::info!(wait = ?wait, held = pass.hold_off.held.len(), "waiting for Cilium's node-delete hold-off to end");
         tokio::time::sleep(wait).await;
         let first_read = (pass.first_revision, pass.first_read_at);
-        pass = check_once(opts, agent, &[first_read]).await?;
+        pass = check_once(opts, agent, cilium_mesh, &[first_read]).await?;
         pass.hold_off.waited_ms = wait.as_millis();
     }
     Ok(pass)
@@ -493,6 +527,7 @@ async fn not_judged(opts: &CheckOptions, cilium: CiliumAgentState, took: Duratio
             endpoints: StateSource::Kvstore,
             kubernetes: None,
             identities: IdentitiesSource::default(),
+            clustermesh: None,
             datapath: None,
             kvstore: KvstoreSource { status: health.status_line(), revision: health.endpoints.iter().filter_map(|e| e.revision).max().unwrap_or(0), read_at: chrono::Utc::now().to_rfc3339(), keys: 0 },
             config: DatapathConfig::default(),
@@ -520,9 +555,14 @@ struct Pass {
 }
 
 /// `earlier`: reads of earlier passes `(revision, time)`, which bound when a delete happened.
-async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::AgentConfig>, earlier: &[(i64, chrono::DateTime<chrono::Utc>)]) -> Result<Pass, CheckError> {
+async fn check_once(
+    opts: &CheckOptions,
+    agent: Option<&crate::cilium::state::AgentConfig>,
+    cilium_mesh: Option<&[crate::cilium::models::RemoteCluster]>,
+    earlier: &[(i64, chrono::DateTime<chrono::Utc>)],
+) -> Result<Pass, CheckError> {
     let cfg = node_config(opts, agent)?;
-    let (state, health) = StateReader::connect(opts, &cfg, agent).await?;
+    let (state, health) = StateReader::connect(opts, &cfg, agent, cilium_mesh).await?;
     let kvstore = state.read(opts).await?;
     let kvstore_read_at = chrono::Utc::now();
     let (dp, host) = read_datapath(&opts.datapath).await?;
@@ -581,7 +621,7 @@ async fn check_once(opts: &CheckOptions, agent: Option<&crate::cilium::state::Ag
 }
 
 fn report(opts: &CheckOptions, cilium: CiliumAgentState, pass: Pass, took: Duration) -> CheckReport {
-    let Pass { reading: r, mut findings, notes, settle, hold_off, first_revision: revision, config, kubernetes, .. } = pass;
+    let Pass { reading: mut r, mut findings, notes, settle, hold_off, first_revision: revision, config, kubernetes, .. } = pass;
     annotate_map_mismatches(&mut findings, &cilium, chrono::Utc::now());
     let mut by_kind = std::collections::BTreeMap::new();
     for f in &findings {
@@ -595,6 +635,8 @@ fn report(opts: &CheckOptions, cilium: CiliumAgentState, pass: Pass, took: Durat
         maps.push(t.meta.clone());
         entries.push((t.meta.name.clone(), t.entry_count));
     }
+    // The remotes' entries are not part of the report (only their counts).
+    let clustermesh = r.kvstore.mesh.take().map(|m| m.into_summary());
     let kv = &r.kvstore;
     CheckReport {
         node: NodeId { name: opts.node_name.clone(), cluster: opts.cluster.clone() },
@@ -606,6 +648,7 @@ fn report(opts: &CheckOptions, cilium: CiliumAgentState, pass: Pass, took: Durat
             endpoints: r.kvstore.origin.endpoints,
             kubernetes,
             identities: notes.identities,
+            clustermesh,
             datapath: Some(DatapathSource { bpffs: dp.bpffs.clone(), live_maps: dp.live_maps.clone(), layout: dp.layout.clone(), maps, entries, read_at: r.datapath_read_at.to_rfc3339() }),
             kvstore: KvstoreSource {
                 status: r.health.status_line(),

@@ -112,11 +112,22 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
         error: None,
     };
     let result: Result<_, KvstoreError> = async {
-        let etcd = Etcd::connect_to(settings, vec![endpoint.clone()], timeout).await?;
+        let etcd = match cached_probe_client(settings, &endpoint) {
+            Some(c) => c,
+            None => Etcd::connect_to(settings, vec![endpoint.clone()], timeout).await?,
+        };
         let mut maint = etcd.client.maintenance_client();
-        let st = etcd.call("status", maint.status()).await?;
+        let answer = etcd.call("status", maint.status()).await;
+        let st = match answer {
+            Ok(st) => st,
+            Err(e) => {
+                forget_probe_client(&endpoint);
+                return Err(e);
+            }
+        };
         let mut cluster = etcd.client.cluster_client();
         let members = etcd.call("member list", cluster.member_list()).await.ok();
+        keep_probe_client(settings, &endpoint, etcd);
         Ok((st, members))
     }
     .await;
@@ -143,6 +154,29 @@ async fn probe(settings: &EtcdSettings, endpoint: String, timeout: Duration) -> 
             (status, None, Vec::new())
         }
     }
+}
+
+/// One client per probed endpoint, kept while it answers: the agent probes every health
+/// interval, and a new client per probe means a new TLS handshake and, with a user, an
+/// Authenticate (a raft proposal and a bcrypt in etcd) each time.
+type ProbeClients = std::sync::Mutex<std::collections::HashMap<String, (EtcdSettings, Etcd)>>;
+
+fn probe_clients() -> &'static ProbeClients {
+    static CLIENTS: std::sync::OnceLock<ProbeClients> = std::sync::OnceLock::new();
+    CLIENTS.get_or_init(Default::default)
+}
+
+fn cached_probe_client(settings: &EtcdSettings, endpoint: &str) -> Option<Etcd> {
+    let clients = probe_clients().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    clients.get(endpoint).filter(|(s, _)| s == settings).map(|(_, e)| e.clone())
+}
+
+fn keep_probe_client(settings: &EtcdSettings, endpoint: &str, etcd: Etcd) {
+    probe_clients().lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(endpoint.to_owned(), (settings.clone(), etcd));
+}
+
+fn forget_probe_client(endpoint: &str) {
+    probe_clients().lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(endpoint);
 }
 
 /// `http://127.0.0.1:2379/` and `127.0.0.1:2379` name the same endpoint.

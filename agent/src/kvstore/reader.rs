@@ -52,6 +52,10 @@ pub struct KvstoreSnapshot {
     pub held_nodes: Vec<super::history::HeldNode>,
     /// Where each kind was read (the kvstore, or Kubernetes objects decoded into this model).
     pub origin: crate::model::source::Origin,
+    /// ClusterMesh: the remote clusters this node's agent syncs, each read from its own
+    /// kvstore (or KVStoreMesh's cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Box<crate::clustermesh::Mesh>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

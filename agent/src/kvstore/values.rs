@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 pub const NODES_PREFIX: &str = "cilium/state/nodes/v1/";
 pub const IP_PREFIX: &str = "cilium/state/ip/v1/";
+/// The `ip/v1` address space Cilium writes every entry in.
+pub const IP_DEFAULT_SPACE: &str = "cilium/state/ip/v1/default/";
 pub const IDENTITY_ID_PREFIX: &str = "cilium/state/identities/v1/id/";
 pub const IDENTITY_VALUE_PREFIX: &str = "cilium/state/identities/v1/value/";
 pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";

@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::client::{Etcd, KvstoreError};
 use super::config::EtcdSettings;
 use super::health;
-use super::reader::{self, KvstoreSnapshot, ListOptions, SNAPSHOT_PREFIXES};
-use super::values::{KvMeta, KVSTOREMESH_CACHE_PREFIX};
+use super::reader::{self, KvstoreSnapshot, ListOptions};
+use super::values::KvMeta;
 use crate::backoff::Backoff;
 
 
@@ -31,19 +31,18 @@ pub struct KvstoreMirror {
     pub keys: BTreeMap<String, RawKv>,
 }
 
-/// Whether kvcheck cares about a key (the snapshot prefixes; the KVStoreMesh cache on request).
-fn wanted(key: &str, opts: &ListOptions) -> bool {
-    SNAPSHOT_PREFIXES.iter().any(|p| key.starts_with(p))
-        || (opts.include_cache && key.starts_with(KVSTOREMESH_CACHE_PREFIX))
-}
-
 impl KvstoreMirror {
-    /// Lists every wanted prefix at one revision.
-    pub async fn list(etcd: &Etcd, opts: &ListOptions) -> Result<KvstoreMirror, KvstoreError> {
+    /// Lists Cilium's prefixes (those `opts` asks for) at one revision.
+    pub async fn list_cilium(etcd: &Etcd, opts: &ListOptions) -> Result<KvstoreMirror, KvstoreError> {
+        Self::list(etcd, &cilium_prefixes(opts), opts.page_size).await
+    }
+
+    /// Lists every prefix at one revision.
+    pub async fn list(etcd: &Etcd, prefixes: &[String], page_size: i64) -> Result<KvstoreMirror, KvstoreError> {
         let mut mirror = KvstoreMirror::default();
         let mut revision = None;
-        for prefix in reader::prefixes(opts) {
-            let rev = reader::list_prefix(etcd, prefix, revision, opts.page_size, |page| {
+        for prefix in prefixes {
+            let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page| {
                 for kv in page {
                     mirror.keys.insert(
                         String::from_utf8_lossy(kv.key()).into_owned(),
@@ -84,6 +83,10 @@ impl KvstoreMirror {
         }
         changes
     }
+}
+
+fn cilium_prefixes(opts: &ListOptions) -> Vec<String> {
+    reader::prefixes(opts).into_iter().map(str::to_owned).collect()
 }
 
 /// One change to a Cilium key.
@@ -127,6 +130,8 @@ pub struct KvstoreWatcher {
     settings: EtcdSettings,
     etcd: Etcd,
     opts: ListOptions,
+    /// What is listed and followed: Cilium's snapshot prefixes, or a remote cluster's.
+    prefixes: Vec<String>,
     mirror: KvstoreMirror,
     stream: Option<WatchStream>,
     pub relists: u64,
@@ -153,11 +158,18 @@ const WATCH_PREFIX: &str = "cilium/";
 
 impl KvstoreWatcher {
     pub async fn start(settings: EtcdSettings, etcd: Etcd, opts: ListOptions) -> Result<KvstoreWatcher, KvstoreError> {
-        let mirror = KvstoreMirror::list(&etcd, &opts).await?;
+        let prefixes = cilium_prefixes(&opts);
+        Self::start_on(settings, etcd, opts, prefixes).await
+    }
+
+    /// Lists and follows `prefixes` (a ClusterMesh remote's).
+    pub async fn start_on(settings: EtcdSettings, etcd: Etcd, opts: ListOptions, prefixes: Vec<String>) -> Result<KvstoreWatcher, KvstoreError> {
+        let mirror = KvstoreMirror::list(&etcd, &prefixes, opts.page_size).await?;
         Ok(KvstoreWatcher {
             settings,
             etcd,
             opts,
+            prefixes,
             mirror,
             stream: None,
             relists: 0,
@@ -248,7 +260,7 @@ impl KvstoreWatcher {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 self.mirror.revision = self.mirror.revision.max(kv.mod_revision());
-                if !wanted(&key, &self.opts) {
+                if !self.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
                     continue;
                 }
                 match ev.event_type() {
@@ -268,6 +280,15 @@ impl KvstoreWatcher {
                 return Ok(WatchBatch { revision: self.mirror.revision, changes, relisted: false });
             }
         }
+    }
+
+    /// Makes sure a stream is open (reconnecting after a lost one), without waiting for an
+    /// event: a quiet remote's reconnect is then seen at once.
+    pub async fn ensure_open(&mut self) -> Result<(), KvstoreError> {
+        if self.stream.is_none() {
+            self.open().await?;
+        }
+        Ok(())
     }
 
     /// No event for `progress_every` and no answer to a progress request within the timeout.
@@ -332,7 +353,8 @@ impl KvstoreWatcher {
     /// missed put or delete unlikely. A compacted revision answers no.
     pub async fn counts_match(&self) -> Result<bool, KvstoreError> {
         let mut kv = self.etcd.client.kv_client();
-        for prefix in reader::prefixes(&self.opts) {
+        for prefix in &self.prefixes {
+            let prefix = prefix.as_str();
             let from = (std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded);
             let held = self.mirror.keys.range::<str, _>(from).take_while(|(k, _)| k.starts_with(prefix)).count();
             let opts = etcd_client::GetOptions::new().with_prefix().with_count_only().with_revision(self.mirror.revision);
@@ -348,7 +370,7 @@ impl KvstoreWatcher {
 
     /// Lists afresh; the batch holds the differences from the mirror, now applied to it.
     pub async fn relist(&mut self) -> Result<WatchBatch, KvstoreError> {
-        let fresh = KvstoreMirror::list(&self.etcd, &self.opts).await?;
+        let fresh = KvstoreMirror::list(&self.etcd, &self.prefixes, self.opts.page_size).await?;
         let changes = self.mirror.changes_to(&fresh);
         self.mirror = fresh;
         self.relists += 1;

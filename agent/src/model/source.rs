@@ -24,9 +24,10 @@ impl StateSource {
         }
     }
 
-    /// The source a piece of evidence names: an etcd key (`cilium/...`) or an object.
+    /// The source a piece of evidence names: an etcd key (`cilium/...`, or a remote cluster's
+    /// `<cluster>:cilium/...`) or an object (`CiliumEndpoint default/pod-a`).
     pub fn of_reference(key: &str) -> StateSource {
-        if key.starts_with("cilium/") { StateSource::Kvstore } else { StateSource::Kubernetes }
+        if key.starts_with("Cilium") { StateSource::Kubernetes } else { StateSource::Kvstore }
     }
 }
 

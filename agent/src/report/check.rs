@@ -22,6 +22,9 @@ fn evidence_line(out: &mut String, label: &str, v: &Option<serde_json::Value>) {
 
 fn finding(out: &mut String, f: &Finding) {
     let _ = writeln!(out, "  {:<28} {:<26} {}", f.kind.name(), f.subject, f.message);
+    if let Some(c) = &f.cluster {
+        let _ = writeln!(out, "      cluster:  {c}");
+    }
     evidence_line(out, "datapath:", &f.datapath);
     evidence_line(out, "kvstore:", &f.kvstore);
 }
@@ -47,13 +50,44 @@ fn cilium_lines(out: &mut String, c: &CiliumAgentState) {
     }
 }
 
+/// ClusterMesh: the local cluster, then one line per remote with its state and what was read.
+fn mesh_lines(out: &mut String, m: &crate::clustermesh::Mesh) {
+    let l = &m.local;
+    let _ = writeln!(out, "  mesh      local cluster {} id {} (from {}); {} remote clusters in {}", l.name, l.id, l.id_from, m.remotes.len(), m.config_dir.display());
+    if let Some(why) = &m.inactive {
+        let _ = writeln!(out, "  mesh      inactive: {why}");
+        return;
+    }
+    for r in &m.remotes {
+        let how = match &r.cluster_config {
+            Some(c) if c.capabilities.cached => format!("id {}, through KVStoreMesh's cache", c.id),
+            Some(c) => format!("id {}, direct", c.id),
+            None => "no cluster-config".to_owned(),
+        };
+        let state = match r.status {
+            crate::clustermesh::RemoteStatus::Synced => format!("synced: {} nodes, {} pod IPs, {} identities at revision {}", r.counts.nodes, r.counts.ips, r.counts.identities, r.revision),
+            st => format!("{} (its entries not judged): {}", st.name(), r.reason.as_deref().unwrap_or_default()),
+        };
+        let _ = writeln!(out, "  cluster   {} ({how}; {}): {state}", r.name, r.endpoints.join(","));
+    }
+    for i in &m.ignored {
+        let _ = writeln!(out, "  mesh      ignored {}: {}", i.path.display(), i.reason);
+    }
+}
+
 pub fn render(r: &CheckReport) -> String {
     let mut out = String::new();
     let c = &r.counts;
     let verdict = if !r.judged() {
         "NOT CHECKED: the Cilium agent is not ready; what it is restoring is not judged as drift".to_owned()
     } else if r.consistent() {
-        format!("CONSISTENT: the datapath agrees with {}", if r.sources.endpoints == crate::model::source::StateSource::Kubernetes { "Cilium's objects in the Kubernetes API" } else { "the kvstore" })
+        let unjudged: Vec<&str> = r.sources.clustermesh.iter().filter(|m| m.active()).flat_map(|m| m.remotes.iter()).filter(|c| !c.status.judged()).map(|c| c.name.as_str()).collect();
+        let what = if r.sources.endpoints == crate::model::source::StateSource::Kubernetes { "Cilium's objects in the Kubernetes API" } else { "the kvstore" };
+        if unjudged.is_empty() {
+            format!("CONSISTENT: the datapath agrees with {what}")
+        } else {
+            format!("CONSISTENT: the datapath agrees with {what}; remote clusters not judged: {}", unjudged.join(", "))
+        }
     } else {
         format!("DRIFT: {} findings ({} critical, {} warning, {} info)", c.total, c.critical, c.warning, c.info)
     };
@@ -75,6 +109,9 @@ pub fn render(r: &CheckReport) -> String {
         let _ = writeln!(out, "  kvstore   {}; {} keys at revision {} (read {})", s.kvstore.status, s.kvstore.keys, s.kvstore.revision, s.kvstore.read_at);
     } else {
         let _ = writeln!(out, "  kvstore   {} (read {})", s.kvstore.status, s.kvstore.read_at);
+    }
+    if let Some(m) = &s.clustermesh {
+        mesh_lines(&mut out, m);
     }
     for line in s.datapath.iter().flat_map(|dp| dp.live_maps.summary()) {
         let _ = writeln!(out, "  maps      {line}");
