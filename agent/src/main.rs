@@ -15,7 +15,7 @@ use serde::Serialize;
 const EXIT_COULD_NOT_CHECK: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "kvcheck", version, about = "Checks that a node's Cilium datapath agrees with Cilium's kvstore")]
+#[command(name = "kvcheck", version, about = "Checks that a node's Cilium datapath agrees with the cluster state Cilium keeps")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +37,10 @@ enum Command {
         /// A finding kind (e.g. ipcache-stale); all kinds when omitted.
         kind: Option<kvcheck::check::kinds::FindingKind>,
     },
+    /// A shell completion script on stdout (e.g. `kvcheck completions bash > /etc/bash_completion.d/kvcheck`).
+    Completions { shell: clap_complete::Shell },
+    /// Man pages: kvcheck(1) on stdout, or with DIR one page per command written there.
+    Man { dir: Option<PathBuf> },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -630,6 +634,14 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "kvcheck", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => return man_pages(dir.as_deref()),
+        _ => {}
+    }
     init_logs(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
@@ -648,10 +660,27 @@ fn main() -> ExitCode {
                 explain(*kind);
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
         }
     });
     match result {
         Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_COULD_NOT_CHECK)
+        }
+    }
+}
+
+/// kvcheck(1) on stdout, or every command's page into `dir` (kvcheck.1, kvcheck-check.1, ...).
+fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let result = match dir {
+        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)).with_context(|| format!("writing man pages into {}", dir.display())),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).context("writing the man page"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_COULD_NOT_CHECK)

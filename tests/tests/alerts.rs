@@ -37,8 +37,8 @@ fn run_ok(cmd: &mut Command) -> String {
     text
 }
 
-fn yaml(path: &str) -> serde_yaml_ng::Value {
-    serde_yaml_ng::from_str(&std::fs::read_to_string(rules_dir().join(path)).unwrap()).unwrap()
+fn yaml(path: &str) -> serde_json::Value {
+    serde_saphyr::from_str(&std::fs::read_to_string(rules_dir().join(path)).unwrap()).unwrap()
 }
 
 #[test]
@@ -57,11 +57,11 @@ fn rules_pass_promtool_and_every_alert_is_unit_tested() {
 
     // Every alert has a case where it fires and one where it does not, and points at explain.
     let tests = yaml("kvcheck-rules-test.yaml");
-    let cases: Vec<&serde_yaml_ng::Value> = tests["tests"].as_sequence().unwrap().iter().flat_map(|t| t["alert_rule_test"].as_sequence().unwrap()).collect();
-    for group in plain["groups"].as_sequence().unwrap() {
-        for rule in group["rules"].as_sequence().unwrap() {
+    let cases: Vec<&serde_json::Value> = tests["tests"].as_array().unwrap().iter().flat_map(|t| t["alert_rule_test"].as_array().unwrap()).collect();
+    for group in plain["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
             let Some(alert) = rule["alert"].as_str() else { continue };
-            let of = |fires: bool| cases.iter().any(|c| c["alertname"].as_str() == Some(alert) && c["exp_alerts"].as_sequence().is_some_and(|e| e.is_empty() != fires));
+            let of = |fires: bool| cases.iter().any(|c| c["alertname"].as_str() == Some(alert) && c["exp_alerts"].as_array().is_some_and(|e| e.is_empty() != fires));
             assert!(of(true) && of(false), "{alert}: needs a firing and a quiet unit test");
             assert!(rule["annotations"]["runbook"].as_str().is_some_and(|r| r.starts_with("kvcheck explain")), "{alert}: runbook annotation");
         }

@@ -385,3 +385,25 @@ fn could_not_check_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no etcd endpoint answered"));
 }
+
+/// `kvcheck completions <shell>` and `kvcheck man [DIR]`: scripts that name the commands, and
+/// one page per command.
+#[test]
+fn completions_and_man_pages() {
+    let run = |args: &[&str]| std::process::Command::new(kvcheck_tests::kvcheck_bin()).args(args).output().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && ["check", "dump", "agent", "explain", "etcd-config"].iter().all(|w| script.contains(w)), "{shell}: {script}");
+    }
+    assert_ne!(run(&["completions", "tcsh"]).status.code(), Some(0));
+    let page = run(&["man"]);
+    assert!(page.status.success() && String::from_utf8_lossy(&page.stdout).starts_with(".ie"), "{page:?}");
+    let dir = std::env::temp_dir().join(format!("kvcheck-man-{}", std::process::id()));
+    assert!(run(&["man", dir.to_str().unwrap()]).status.success());
+    for page in ["kvcheck.1", "kvcheck-check.1", "kvcheck-agent.1", "kvcheck-dump-kvstore.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

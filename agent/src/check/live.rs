@@ -22,7 +22,7 @@ use crate::datapath::addresses::HostAddresses;
 use crate::datapath::events::{DatapathChange, Entry};
 use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
-use crate::kvstore::history::HeldNode;
+use crate::kvstore::values::HeldNode;
 use crate::k8s::decode;
 use crate::k8s::watch::{DecodedObject, ObjectChange};
 use crate::kvstore::reader;

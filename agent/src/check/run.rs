@@ -18,7 +18,8 @@ use crate::datapath::{self, DatapathSnapshot, ReadOptions};
 use crate::kvstore::client::Etcd;
 use crate::kvstore::config::EtcdSettings;
 use crate::kvstore::health::{self, ClusterHealth};
-use crate::kvstore::history::{self, HeldNode};
+use crate::kvstore::history;
+use crate::kvstore::values::HeldNode;
 use crate::kvstore::reader::{self, KvstoreSnapshot, ListOptions};
 use crate::k8s::client::{K8sError, KubeOptions};
 use crate::model::source::StateSource;
@@ -563,10 +564,19 @@ async fn check_once(
 ) -> Result<Pass, CheckError> {
     let cfg = node_config(opts, agent)?;
     let (state, health) = StateReader::connect(opts, &cfg, agent, cilium_mesh).await?;
-    let kvstore = state.read(opts).await?;
-    let kvstore_read_at = chrono::Utc::now();
-    let (dp, host) = read_datapath(&opts.datapath).await?;
-    let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at: chrono::Utc::now(), kvstore_read_at };
+    // Both sides at once: the maps are read on a blocking thread while the kvstore's pages
+    // arrive and decode on the runtime (two cores: the check takes the longer of the two).
+    let kvstore_read = async {
+        let k = state.read(opts).await;
+        (k, chrono::Utc::now())
+    };
+    let datapath_read = async {
+        let d = read_datapath(&opts.datapath).await;
+        (d, chrono::Utc::now())
+    };
+    let ((kvstore, kvstore_read_at), (datapath, datapath_read_at)) = tokio::join!(kvstore_read, datapath_read);
+    let (kvstore, (dp, host)) = (kvstore?, datapath?);
+    let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at, kvstore_read_at };
     let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
     let (mut findings, notes) = evaluate(&ctx, &reading);
     let first_revision = reading.kvstore.revision;

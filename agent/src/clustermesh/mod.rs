@@ -52,8 +52,10 @@ impl LocalCluster {
 
     /// `[min, max]` of cluster `c`'s identities.
     pub fn range_of(&self, c: u32) -> (u32, u32) {
+        // In 64 bits: an id no cluster-config validation has bounded must not overflow.
         let s = self.shift();
-        (c << s, ((c + 1) << s) - 1)
+        let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        (clamp(u64::from(c) << s), clamp(((u64::from(c) + 1) << s) - 1))
     }
 }
 
@@ -450,6 +452,9 @@ mod tests {
         // 511 clusters: 15 bits.
         let wide = LocalCluster { max_connected_clusters: 511, ..Default::default() };
         assert_eq!((wide.cluster_of(3 << 15 | 7), wide.range_of(3)), (Some(3), (98304, 131071)));
+        // Ids no validation bounded (found through the clustermesh fuzz target): no overflow.
+        assert_eq!(wide.range_of(u32::MAX), (u32::MAX, u32::MAX));
+        assert_eq!(LocalCluster { max_connected_clusters: 255, ..wide.clone() }.range_of(65_535), (0xFFFF_0000, u32::MAX));
     }
 
     impl Owner<'_> {

@@ -147,7 +147,9 @@ impl EtcdSettings {
     }
 
     pub fn from_config_text(text: &str, path: &Path) -> Result<EtcdSettings, ConfigError> {
-        let file: EtcdConfigFile = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+        // No source snippet in the error: the line shown could hold the password.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let file: EtcdConfigFile = serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // A wrongly typed value may be the password: the message names its place, not it.
             message: redact_quoted(&e.to_string()),

@@ -13,34 +13,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use etcd_client::{EventType, GetOptions, WatchOptions};
-use serde::Serialize;
 
 use super::client::{Etcd, KvstoreError};
 use super::reader::{self, KvstoreSnapshot};
-use super::values::{self, KvMeta, NodeEntry, HEARTBEAT_KEY, NODES_PREFIX};
-use super::view::parse_time;
-
-/// A node whose kvstore key was deleted and whose datapath entries Cilium may still hold.
-#[derive(Clone, Debug, Serialize)]
-pub struct HeldNode {
-    /// The node's last value before the delete.
-    pub node: NodeEntry,
-    pub deleted_revision: i64,
-    /// The delete happened after this (the heartbeat written before it), if known.
-    pub deleted_after: Option<DateTime<Utc>>,
-    /// ... and no later than this (the next heartbeat, or when kvcheck saw or read it).
-    pub deleted_by: DateTime<Utc>,
-    /// Cilium has certainly applied the delete by then: `deleted_by` + the hold-off.
-    pub held_until: DateTime<Utc>,
-    /// How `deleted_by` was bounded.
-    pub bounded_by: String,
-}
-
-impl HeldNode {
-    pub fn key(&self) -> &str {
-        &self.node.meta.key
-    }
-}
+use super::values::{self, parse_time, HeldNode, KvMeta, NodeEntry, HEARTBEAT_KEY, NODES_PREFIX};
 
 /// Heartbeat versions followed back at most (one a minute).
 const MAX_HEARTBEATS: usize = 10;

@@ -6,7 +6,7 @@ use etcd_client::GetOptions;
 use serde::Serialize;
 
 use super::client::{Etcd, KvstoreError};
-use super::values::{self, IdentityEntry, IdentityReference, IpEntry, KvMeta, Malformed, NodeEntry};
+use super::values::{self, HeldNode, IdentityEntry, IdentityReference, IpEntry, KvMeta, Malformed, NodeEntry};
 
 /// Keys per range request. Measured on etcd 3.4 with 100k Cilium IP entries: one range
 /// 0.17-0.21 s but 66 MB resident; pages of 10k 0.22-0.27 s at 15 MB; pages of 1k 0.75-0.94 s
@@ -49,7 +49,7 @@ pub struct KvstoreSnapshot {
     pub counts: KeyCounts,
     /// Nodes deleted within Cilium's node-delete hold-off, whose entries the datapath may
     /// still hold (found in etcd's history by a one-shot check, or seen deleted by the agent).
-    pub held_nodes: Vec<super::history::HeldNode>,
+    pub held_nodes: Vec<HeldNode>,
     /// Where each kind was read (the kvstore, or Kubernetes objects decoded into this model).
     pub origin: crate::model::source::Origin,
     /// ClusterMesh: the remote clusters this node's agent syncs, each read from its own

@@ -361,6 +361,34 @@ pub fn decode_identity_reference(meta: KvMeta, value: &[u8]) -> Result<IdentityR
     Ok(IdentityReference { labels: labels.to_owned(), node: node.to_owned(), id, meta })
 }
 
+/// A node whose kvstore key was deleted and whose datapath entries Cilium may still hold.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeldNode {
+    /// The node's last value before the delete.
+    pub node: NodeEntry,
+    pub deleted_revision: i64,
+    /// The delete happened after this (the heartbeat written before it), if known.
+    pub deleted_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// ... and no later than this (the next heartbeat, or when kvcheck saw or read it).
+    pub deleted_by: chrono::DateTime<chrono::Utc>,
+    /// Cilium has certainly applied the delete by then: `deleted_by` + the hold-off.
+    pub held_until: chrono::DateTime<chrono::Utc>,
+    /// How `deleted_by` was bounded.
+    pub bounded_by: String,
+}
+
+impl HeldNode {
+    pub fn key(&self) -> &str {
+        &self.node.meta.key
+    }
+}
+
+/// A heartbeat value (RFC 3339, surrounding whitespace allowed) as a time.
+pub fn parse_time(rfc3339: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(rfc3339.trim()).ok().map(|t| t.with_timezone(&chrono::Utc))
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::health::ClusterHealth;
 use super::reader::KvstoreSnapshot;
-use super::values::{IdentityEntry, IpEntry, Malformed, NodeEntry};
+use super::values::{parse_time, IdentityEntry, IpEntry, Malformed, NodeEntry};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Totals {
@@ -51,11 +51,6 @@ pub struct IdentityUse {
 /// Seconds since an RFC 3339 time, if it parses.
 pub fn age_seconds(rfc3339: &str, now: chrono::DateTime<chrono::Utc>) -> Option<i64> {
     Some((now - parse_time(rfc3339)?).num_seconds())
-}
-
-/// A heartbeat value (RFC 3339, surrounding whitespace allowed) as a time.
-pub fn parse_time(rfc3339: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::parse_from_rfc3339(rfc3339.trim()).ok().map(|t| t.with_timezone(&chrono::Utc))
 }
 
 pub fn node_view(

@@ -147,6 +147,12 @@ pub struct KvstoreWatcher {
     /// When the stream last delivered anything, and when its progress was asked for.
     last_heard: std::time::Instant,
     progress_asked: Option<std::time::Instant>,
+    /// etcd's revision at the last resync that found the watch behind it.
+    behind_since: Option<i64>,
+    /// The revision of the last relist: events up to it are in the mirror already (a stream
+    /// that was behind delivers them after a resync's relist; re-applied, an old put would
+    /// undo a newer value until the stream caught up).
+    listed_at: i64,
     /// A (re)connect in progress: the new client and its stream.
     opening: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Etcd, WatchStream), KvstoreError>> + Send>>>,
 }
@@ -179,6 +185,8 @@ impl KvstoreWatcher {
             stalls: 0,
             last_heard: std::time::Instant::now(),
             progress_asked: None,
+            behind_since: None,
+            listed_at: 0,
             opening: None,
         })
     }
@@ -220,12 +228,10 @@ impl KvstoreWatcher {
                 }
                 Err(_) if self.progress_asked.is_none() => {
                     // Quiet for a while: ask where the watch stands. Any answer (progress or
-                    // events) proves it alive. The request is not awaited: a stream too blocked
-                    // to take it is as stalled as one that does not answer.
-                    if let Some(Err(_)) = futures::FutureExt::now_or_never(stream.request_progress()) {
+                    // events) proves it alive.
+                    if !self.ask_progress() {
                         return Err(self.stalled());
                     }
-                    self.progress_asked = Some(std::time::Instant::now());
                     continue;
                 }
                 Err(_) => return Err(self.stalled()),
@@ -260,7 +266,7 @@ impl KvstoreWatcher {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 self.mirror.revision = self.mirror.revision.max(kv.mod_revision());
-                if !self.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
+                if kv.mod_revision() <= self.listed_at || !self.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
                     continue;
                 }
                 match ev.event_type() {
@@ -346,26 +352,77 @@ impl KvstoreWatcher {
         Ok(())
     }
 
-    /// Whether etcd holds, at the mirror's revision, as many keys under each prefix as the
-    /// mirror: one count-only range per prefix (a few bytes each, where a relist moves every
-    /// value). The agent's periodic resync relists only when this says no: a missed event
-    /// shows as a wrong count, and the watch's ordering makes a missed update without a
-    /// missed put or delete unlikely. A compacted revision answers no.
-    pub async fn counts_match(&self) -> Result<bool, KvstoreError> {
-        let mut kv = self.etcd.client.kv_client();
-        for prefix in &self.prefixes {
-            let prefix = prefix.as_str();
-            let from = (std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded);
-            let held = self.mirror.keys.range::<str, _>(from).take_while(|(k, _)| k.starts_with(prefix)).count();
-            let opts = etcd_client::GetOptions::new().with_prefix().with_count_only().with_revision(self.mirror.revision);
-            match self.etcd.call(format!("count {prefix}"), kv.get(prefix, Some(opts))).await {
-                Ok(resp) if resp.count() == held as i64 => {}
-                Ok(_) => return Ok(false),
-                Err(e) if e.to_string().contains("compacted") => return Ok(false),
-                Err(e) => return Err(e),
-            }
+    /// The resync's check of the mirror against etcd as it is now: `None` when they agree,
+    /// else why not (the caller relists). One count-only range per prefix (a few bytes each,
+    /// where a relist moves every value) at the server's current revision:
+    /// - a mirror at that revision must hold exactly those counts;
+    /// - a mirror behind it (events in flight, or writes outside Cilium's prefixes) must hold
+    ///   the counts etcd had at the mirror's own revision, and must have reached by now the
+    ///   revision etcd had at the previous resync (else the watch stopped delivering); the
+    ///   stream is asked for its progress, which brings the mirror to the server's revision
+    ///   or, unanswered within the etcd timeout, ends it as stalled.
+    /// A compacted mirror revision is a disagreement.
+    pub async fn verify(&mut self) -> Result<Option<String>, KvstoreError> {
+        let (server, counts) = self.counts_at(None).await?;
+        let behind_since = self.behind_since.take();
+        if self.mirror.revision >= server {
+            return Ok(self.count_difference(&counts, server));
         }
-        Ok(true)
+        let (_, at_mirror) = match self.counts_at(Some(self.mirror.revision)).await {
+            Err(e) if e.to_string().contains("compacted") => return Ok(Some(format!("the watch's revision {} was compacted", self.mirror.revision))),
+            r => r?,
+        };
+        if let Some(d) = self.count_difference(&at_mirror, self.mirror.revision) {
+            return Ok(Some(d));
+        }
+        if let Some(before) = behind_since.filter(|&b| self.mirror.revision < b) {
+            // Given up as stalled: the caller relists, the next call reconnects from there.
+            self.stream = None;
+            self.stalls += 1;
+            return Ok(Some(format!("the watch is at revision {} and has not reached {before}, etcd's revision at the previous resync", self.mirror.revision)));
+        }
+        self.behind_since = Some(server);
+        if self.progress_asked.is_none() && self.stream.is_some() && !self.ask_progress() {
+            self.stream = None;
+        }
+        Ok(None)
+    }
+
+    /// etcd's revision (`at`, or its current one) and its key count under each prefix there.
+    async fn counts_at(&self, at: Option<i64>) -> Result<(i64, Vec<i64>), KvstoreError> {
+        let mut kv = self.etcd.client.kv_client();
+        let (mut revision, mut counts) = (at, Vec::with_capacity(self.prefixes.len()));
+        for prefix in &self.prefixes {
+            let mut opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+            if let Some(r) = revision {
+                opts = opts.with_revision(r);
+            }
+            let resp = self.etcd.call(format!("count {prefix}"), kv.get(prefix.as_str(), Some(opts))).await?;
+            // Every prefix at the first answer's revision: one consistent cut.
+            revision.get_or_insert(resp.header().map_or(0, |h| h.revision()));
+            counts.push(resp.count());
+        }
+        Ok((revision.unwrap_or(0), counts))
+    }
+
+    /// The first prefix whose key count in the mirror differs from `counts` (etcd's at `revision`).
+    fn count_difference(&self, counts: &[i64], revision: i64) -> Option<String> {
+        self.prefixes.iter().zip(counts).find_map(|(prefix, &count)| {
+            let from = (std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded);
+            let held = self.mirror.keys.range::<str, _>(from).take_while(|(k, _)| k.starts_with(prefix.as_str())).count();
+            (count != held as i64).then(|| format!("{prefix}: etcd holds {count} keys at revision {revision}, the watch {held}"))
+        })
+    }
+
+    /// Asks the stream where it stands (not awaited: a stream too blocked to take the request
+    /// is as stalled as one that does not answer); false when the request failed.
+    fn ask_progress(&mut self) -> bool {
+        let Some(stream) = self.stream.as_mut() else { return false };
+        if let Some(Err(_)) = futures::FutureExt::now_or_never(stream.request_progress()) {
+            return false;
+        }
+        self.progress_asked = Some(std::time::Instant::now());
+        true
     }
 
     /// Lists afresh; the batch holds the differences from the mirror, now applied to it.
@@ -373,6 +430,7 @@ impl KvstoreWatcher {
         let fresh = KvstoreMirror::list(&self.etcd, &self.prefixes, self.opts.page_size).await?;
         let changes = self.mirror.changes_to(&fresh);
         self.mirror = fresh;
+        self.listed_at = self.mirror.revision;
         self.relists += 1;
         Ok(WatchBatch { revision: self.mirror.revision, changes, relisted: true })
     }

@@ -1,0 +1,47 @@
+//! The full check of a consistent node, and the idle agent.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::common::*;
+use crate::node::BenchNode;
+use crate::{Args, Figures};
+
+pub(crate) fn check_bench(node: &BenchNode, args: &Args, figs: &mut Figures) -> Result<String> {
+    let shape = node.shape;
+    let make = || {
+        let mut c = node.command("check");
+        c.args(["--settle", "0", "--output", "json"]);
+        c
+    };
+    // Exit code 0 = consistent: the bench node must check clean, or the figures mean little.
+    let first = make().output()?;
+    if !first.status.success() {
+        let doc: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap_or_default();
+        let sample: Vec<String> = doc["findings"].as_array().map(|a| a.iter().take(5).map(|f| f["message"].to_string()).collect()).unwrap_or_default();
+        bail!("the bench node does not check clean: {} {}; {}", doc["counts"]["by_kind"], sample.join("; "), String::from_utf8_lossy(&first.stderr));
+    }
+    let (took, rss) = measure(args.runs, make)?;
+
+    // The agent on the same node, idle (no changes) for `idle_seconds`: CPU and memory.
+    let agent = node.start_agent(&[], Stdio::null())?;
+    let pid = agent.id();
+    let idle = Duration::from_secs(args.idle_seconds);
+    let c0 = cpu_seconds(pid);
+    std::thread::sleep(idle);
+    let cpu_pct = (cpu_seconds(pid) - c0) / idle.as_secs_f64() * 100.0;
+    let (rss_now, hwm) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
+    stop(agent);
+    within_shipped_limit("the agent (kvstore mode)", hwm)?;
+    figs.insert("check_ms", took.as_secs_f64() * 1000.0);
+    figs.insert("check_rss_mib", rss as f64 / 1024.0);
+    figs.insert("idle_rss_mib", rss_now as f64 / 1024.0);
+    figs.insert("idle_cpu_pct", cpu_pct);
+    Ok(format!(
+        "`kvcheck check` (settle 0) of node-0: kvstore {} nodes / {} IP entries / {} identities, ipcache {} entries ({} local-scope CIDR), {} local endpoints, tunnel map {} entries; median of {} runs\n\n| what | wall ms | peak RSS MiB |\n|---|---:|---:|\n| full check, consistent node (exit 0) | {:.0} | {:.1} |\n\n`kvcheck agent` on the same node, idle for {} s after it became ready: {:.2} % of a core, RSS {:.1} MiB (peak {:.1} MiB)\n",
+        shape.nodes, shape.ips, shape.identities, node.total_ipcache, node.local_scope, node.local_pods, shape.nodes - 1, args.runs, took.as_secs_f64() * 1000.0, rss as f64 / 1024.0,
+        idle.as_secs(), cpu_pct, rss_now as f64 / 1024.0, hwm as f64 / 1024.0
+    ))
+}

@@ -1,0 +1,90 @@
+//! Kvstore read: `dump kvstore` beside `etcdctl get --prefix`, with a page-size sweep.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use kvcheck_tests::kvcheck_bin;
+use kvcheck_tests::etcd::EtcdCluster;
+use kvcheck_tests::simdata;
+
+use crate::common::*;
+use crate::{Args, Figures};
+
+pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
+    let shape = args.shape;
+    let etcd = EtcdCluster::single()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let pairs = simdata::cluster_pairs(shape);
+    let total_keys = pairs.len();
+    let t = Instant::now();
+    rt.block_on(simdata::load(&etcd.endpoints(), pairs))?;
+    eprintln!("bench: loaded {total_keys} keys into etcd in {:.2?}", t.elapsed());
+    let endpoints = etcd.endpoints_arg();
+
+    // etcdctl on the same prefixes (one command for cilium/state/, which holds all four).
+    let (etcdctl, etcdctl_rss) = measure(args.runs, || {
+        let mut c = etcd.etcdctl();
+        c.args(["get", "--prefix", "cilium/state/"]);
+        c
+    })?;
+    let bin = kvcheck_bin();
+    let (cli, cli_rss) = measure(args.runs, || {
+        let mut c = Command::new(&bin);
+        c.args(["dump", "kvstore", "--etcd-endpoints", &endpoints, "--node-name", "node-1", "--output", "json"]);
+        c
+    })?;
+
+    // Page size, measured: library read+decode in-process.
+    let settings = kvcheck::kvstore::config::EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let mut pages = String::new();
+    for page_size in [1_000i64, 5_000, 10_000, 50_000, 0] {
+        let d = time_runs(args.runs, || {
+            rt.block_on(async {
+                let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+                let opts = kvcheck::kvstore::reader::ListOptions { page_size, include_cache: false };
+                let snap = kvcheck::kvstore::reader::read_snapshot(&client, &opts).await?;
+                anyhow::ensure!(snap.ips.len() == shape.ips as usize && snap.nodes.len() == shape.nodes as usize);
+                Ok(())
+            })
+        })?;
+        let label = if page_size == 0 { "one range (no limit)".to_owned() } else { format!("{page_size} keys") };
+        pages.push_str(&format!("| {label} | {:.0} |\n", d.as_secs_f64() * 1000.0));
+    }
+
+    // The floor: one raw range over cilium/state/ through etcd-client, nothing decoded.
+    let floor = time_runs(args.runs, || {
+        rt.block_on(async {
+            let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+            let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
+            let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
+            anyhow::ensure!(resp.kvs().len() == total_keys);
+            Ok(())
+        })
+    })?;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mib = |k: i64| k as f64 / 1024.0;
+    figs.insert("kv_keys", total_keys as f64);
+    figs.insert("kv_cli_ms", ms(cli));
+    figs.insert("kv_cli_rss_mib", mib(cli_rss));
+    figs.insert("kv_etcdctl_ms", ms(etcdctl));
+    figs.insert("kv_etcdctl_rss_mib", mib(etcdctl_rss));
+    let mut table = format!(
+        "kvstore of {} nodes, {} IP entries, {} identities (+{} value keys), {total_keys} keys; etcd {} on loopback; median of {} runs\n\n",
+        shape.nodes, shape.ips, shape.identities, shape.identities, etcd_version(), args.runs
+    );
+    table.push_str("| what | wall ms | peak RSS MiB | wall vs etcdctl | RSS vs etcdctl |\n|---|---:|---:|---:|---:|\n");
+    table.push_str(&format!("| `etcdctl get --prefix cilium/state/` | {:.0} | {:.1} | 1.00x | 1.00x |\n", ms(etcdctl), mib(etcdctl_rss)));
+    table.push_str(&format!(
+        "| `kvcheck dump kvstore --output json` (health, paged read, decode) | {:.0} | {:.1} | {:.2}x | {:.2}x |\n",
+        ms(cli), mib(cli_rss), ms(cli) / ms(etcdctl), cli_rss as f64 / etcdctl_rss as f64
+    ));
+    table.push_str(&format!(
+        "| raw etcd-client range of `cilium/state/`, in-process, nothing decoded (the floor) | {:.0} | - | {:.2}x | - |\n",
+        ms(floor), ms(floor) / ms(etcdctl)
+    ));
+    table.push_str("\nPage size (kvcheck library, read + decode, in-process):\n\n| page | wall ms |\n|---|---:|\n");
+    table.push_str(&pages);
+    Ok(table)
+}
