@@ -207,3 +207,48 @@ fn events_older_than_a_relist_are_not_reapplied() {
         assert!(String::from_utf8_lossy(&w.mirror().keys[&key].value).contains("402"));
     });
 }
+
+/// The agent's mirror after its first snapshot: keys and revisions, no values. Changes still
+/// carry their values, and a relist reports exactly what differs (equal mod revisions are equal
+/// values), not every key.
+#[test]
+fn a_mirror_without_values_follows_and_relists_exactly() {
+    if !require_root("a_mirror_without_values_follows_and_relists_exactly") {
+        return;
+    }
+    let etcd = EtcdCluster::single().unwrap();
+    let ip_key = |i: u8| format!("cilium/state/ip/v1/default/10.6.11.{i}");
+    etcd.put_all(&(1..=10).map(|i| (ip_key(i), ip_value(&format!("10.6.11.{i}"), 500))).collect::<Vec<_>>()).unwrap();
+    let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
+        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap();
+        w.drop_values();
+        assert!(w.mirror().keys.values().all(|v| v.value.is_empty()) && w.mirror().keys.len() == 10);
+        etcd.put_all(&[(ip_key(1), ip_value("10.6.11.1", 501))]).unwrap();
+        let changes = catch_up(&mut w, etcd.revision().unwrap()).await;
+        assert!(matches!(&changes[..], [Change::Put { key, value, .. }] if *key == ip_key(1) && value.contains("501")), "{changes:?}");
+        // Changes the stream has not delivered yet, then a relist.
+        etcd.etcdctl_ok(&["del", &ip_key(2)]).unwrap();
+        etcd.put_all(&[(ip_key(3), ip_value("10.6.11.3", 503))]).unwrap();
+        let mut changes: Vec<(String, Option<String>)> = w
+            .relist()
+            .await
+            .unwrap()
+            .changes
+            .into_iter()
+            .map(|c| match c {
+                Change::Put { key, value, .. } => (key, Some(value)),
+                Change::Delete { key, .. } => (key, None),
+            })
+            .collect();
+        changes.sort();
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert_eq!(changes[0].0, ip_key(2));
+        assert!(changes[0].1.is_none());
+        assert!(changes[1].0 == ip_key(3) && changes[1].1.as_deref().is_some_and(|v| v.contains("503")), "{changes:?}");
+        assert!(w.mirror().keys.values().all(|v| v.value.is_empty()));
+        assert_eq!(w.verify().await.unwrap(), None);
+    });
+}

@@ -298,6 +298,11 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cil
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
     }
+    // The live check holds the decoded snapshot; the watch's changes carry the values.
+    let mut watcher = watcher;
+    if let Some(w) = watcher.as_mut() {
+        w.drop_values();
+    }
     Ok(Live { watcher, kube, mesh, feed, read_live: read.read_live, check })
 }
 

@@ -130,8 +130,8 @@ fn show_prefixes(prefixes: &[IpNet], total: usize) -> String {
     if total > shown.len() { format!("{}, ...", shown.join(", ")) } else { shown.join(", ") }
 }
 
-fn show_set<T: ToString>(s: &BTreeSet<T>) -> String {
-    s.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
+fn show_set<'a, T: ToString + 'a>(s: impl IntoIterator<Item = &'a T>) -> String {
+    s.into_iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
 }
 
 /// Everything the diff looks at.

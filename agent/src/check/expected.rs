@@ -6,6 +6,8 @@
 //! expectation accepts every value Cilium can legitimately write, and says so.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use crate::model::fewset::FewSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -35,10 +37,10 @@ pub struct NodeContext {
 /// What one ipcache prefix should map to. Each set lists every acceptable value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Expectation {
-    pub identities: BTreeSet<u32>,
-    pub tunnel_endpoints: BTreeSet<Option<IpAddr>>,
+    pub identities: FewSet<u32>,
+    pub tunnel_endpoints: FewSet<Option<IpAddr>>,
     /// `None`: any key (encryption configuration unknown).
-    pub encrypt_keys: Option<BTreeSet<u8>>,
+    pub encrypt_keys: Option<FewSet<u8>>,
     /// Required entries are reported missing; optional ones only checked when present.
     pub required: bool,
     /// The rule that produced it, e.g. `remote pod (ip/v1)`.
@@ -71,7 +73,7 @@ impl Expectation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ExpectedTunnel {
     pub endpoint: IpAddr,
-    pub encrypt_keys: BTreeSet<u8>,
+    pub encrypt_keys: FewSet<u8>,
     pub node_key: String,
     /// False for a node deleted within Cilium's hold-off: its entry may be there or gone.
     pub required: bool,
@@ -146,13 +148,13 @@ pub fn identities_elsewhere(snap: &KvstoreSnapshot, own: Option<&NodeEntry>) -> 
         .then(|| format!("the {} global identities of this node's endpoints have neither id/ keys nor a value/ reference from this node in cilium/state/identities/v1/", local.len()))
 }
 
-fn set<T: Ord>(items: impl IntoIterator<Item = T>) -> BTreeSet<T> {
+fn set<T: Ord>(items: impl IntoIterator<Item = T>) -> FewSet<T> {
     items.into_iter().collect()
 }
 
 /// Keys an entry may carry given the node's announced key `k`: exactly `k` when encryption is
 /// known on, `0` when known off, and either when unknown.
-fn keys_for(config: &DatapathConfig, k: u8) -> Option<BTreeSet<u8>> {
+fn keys_for(config: &DatapathConfig, k: u8) -> Option<FewSet<u8>> {
     match config.encryption {
         Some(false) => Some(set([0])),
         Some(true) => Some(set([k])),
@@ -298,7 +300,7 @@ fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>,
 /// A remote cluster's pod (its `ip/v1` entry): the remote-pod rule, except that an identity
 /// outside the cluster's range is dropped by Cilium v1.17+ and kept by v1.16 (present or not,
 /// both are Cilium's; the identity itself is reported, see `check::diff`).
-fn remote_cluster_pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BTreeSet<u32>, local: &crate::clustermesh::LocalCluster, r: &crate::clustermesh::RemoteCluster) {
+fn remote_cluster_pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &FewSet<u32>, local: &crate::clustermesh::LocalCluster, r: &crate::clustermesh::RemoteCluster) {
     let out_of_range = local.cluster_of(e.identity).is_some_and(|c| Some(c) != r.id());
     let before = b.exp.ipcache.get(&e.prefix).is_some_and(|x| x.required);
     pod(b, ctx, e, remote_node_ids);
@@ -331,7 +333,7 @@ fn families(ctx: &NodeContext, node: Option<&NodeEntry>, assumptions: &mut Vec<S
 }
 
 /// The identities a remote node's addresses may carry in this agent's ipcache.
-fn remote_node_identities(cfg: &DatapathConfig, assumptions: &mut Vec<String>) -> BTreeSet<u32> {
+fn remote_node_identities(cfg: &DatapathConfig, assumptions: &mut Vec<String>) -> FewSet<u32> {
     match cfg.remote_node_identity {
         Some(true) => set([identity::REMOTE_NODE]),
         Some(false) => set([identity::HOST]),
@@ -356,7 +358,7 @@ fn tunnel_mode(ctx: &NodeContext, assumptions: &mut Vec<String>) -> bool {
 }
 
 /// The world identities of a family: 2; dual stack v1.15+: 9 (IPv4) or 10 (IPv6) too.
-fn world_identities(layout: Layout, families: Families, v6: bool) -> BTreeSet<u32> {
+fn world_identities(layout: Layout, families: Families, v6: bool) -> FewSet<u32> {
     let mut ids = set([identity::WORLD]);
     if layout >= Layout::V1_15 && families.ipv4 && families.ipv6 {
         ids.insert(if v6 { 10 } else { 9 });
@@ -439,7 +441,7 @@ fn own_addresses(b: &mut Builder<'_>, ctx: &NodeContext, node: Option<&NodeEntry
 
 /// Rules 4 and 5: an `ip/v1` entry is a local pod when its HostIP is this node's (no tunnel;
 /// it must be a local endpoint), else a remote pod behind its HostIP.
-fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &BTreeSet<u32>) {
+fn pod(b: &mut Builder<'_>, ctx: &NodeContext, e: &IpEntry, remote_node_ids: &FewSet<u32>) {
     let objects = b.from_objects;
     let hosted_here = e.host_ip.is_some_and(|h| b.exp.node_addresses.contains(&h));
     let mut ids = set([e.identity]);
@@ -490,7 +492,7 @@ impl<'n> RemoteNode<'n> {
 
 /// Rule 6: other nodes' addresses: remote-node (or host) identity; the CiliumInternalIP
 /// behind the node IP, the others direct or through the tunnel.
-fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, remote_node_ids: &BTreeSet<u32>) {
+fn remote_node_addresses(b: &mut Builder<'_>, ctx: &NodeContext, r: &RemoteNode<'_>, remote_node_ids: &FewSet<u32>) {
     let objects = b.from_objects;
     let (n, cfg) = (r.node, &ctx.config);
     for a in &n.addresses {

@@ -622,6 +622,20 @@ async fn check_once(
         let first: BTreeSet<(FindingKind, String)> = findings.iter().map(Finding::id).collect();
         // Keep the re-read evidence of findings that persisted.
         findings = again.into_iter().filter(|f| first.contains(&f.id())).collect();
+        // A key absent at both reads may have lived in between: a pod created and deleted
+        // within the window, its ipcache entry ahead of its key at the first read and behind
+        // its delete at the second. That is the same finding twice, not one drift.
+        let stale = |f: &Finding| f.kind == FindingKind::IpcacheStale && f.kvstore_keys.iter().any(|k| k.starts_with(crate::kvstore::values::IP_PREFIX));
+        if let (Some(etcd), Some(rev)) = (state.etcd.as_ref().filter(|_| findings.iter().any(stale)), rev) {
+            match history::keys_touched(etcd, crate::kvstore::values::IP_PREFIX, first_revision + 1, rev).await {
+                Ok(touched) => {
+                    let lived: BTreeSet<(FindingKind, String)> = findings.iter().filter(|f| stale(f) && f.kvstore_keys.iter().any(|k| touched.contains(k))).map(Finding::id).collect();
+                    findings.retain(|f| !lived.contains(&f.id()));
+                    settle.settled.extend(lived);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not replay the kvstore between the two reads; keeping the stale findings"),
+            }
+        }
         settle.reread_keys = keys.len();
         settle.reread_revision = rev;
         settle.reread_at = Some(reading.kvstore_read_at.to_rfc3339());

@@ -91,15 +91,51 @@ async fn heartbeats(etcd: &Etcd, snap: &KvstoreSnapshot, older_than: DateTime<Ut
 /// The last delete of each node key in revisions `from..=to`, with the value it deleted. A
 /// compacted `from` restarts at the oldest revision etcd kept.
 async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeEntry)>, KvstoreError> {
-    let mut from = from;
     let mut last: std::collections::BTreeMap<String, (i64, NodeEntry)> = std::collections::BTreeMap::new();
+    replay(etcd, NODES_PREFIX, from, to, |ev| {
+        let Some(kv) = ev.kv() else { return };
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match ev.event_type() {
+            EventType::Put => {
+                last.remove(&key);
+            }
+            EventType::Delete => {
+                let Some(prev) = ev.prev_kv() else { return };
+                let meta = KvMeta { key: key.clone(), mod_revision: prev.mod_revision(), lease: prev.lease() };
+                if let Ok(node) = values::decode_node(meta, prev.value()) {
+                    last.insert(key, (kv.mod_revision(), node));
+                }
+            }
+        }
+    })
+    .await?;
+    Ok(last.into_values().collect())
+}
+
+/// The keys under `prefix` written or deleted in revisions `from..=to` (a settle re-read asks
+/// whether a key absent at both of its reads lived in between).
+pub async fn keys_touched(etcd: &Etcd, prefix: &str, from: i64, to: i64) -> Result<std::collections::BTreeSet<String>, KvstoreError> {
+    let mut touched = std::collections::BTreeSet::new();
+    replay(etcd, prefix, from, to, |ev| {
+        if let Some(kv) = ev.kv() {
+            touched.insert(String::from_utf8_lossy(kv.key()).into_owned());
+        }
+    })
+    .await?;
+    Ok(touched)
+}
+
+/// Replays etcd's events under `prefix` in revisions `from..=to` into `each`, in order. A
+/// compacted `from` restarts at the oldest revision etcd kept.
+async fn replay(etcd: &Etcd, prefix: &str, from: i64, to: i64, mut each: impl FnMut(&etcd_client::Event)) -> Result<(), KvstoreError> {
+    let mut from = from;
     if from > to {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let what = |from: i64| format!("watch {NODES_PREFIX} history from revision {from}");
+    let what = |from: i64| format!("watch {prefix} history from revision {from}");
     let mut client = etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
     let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
-    let mut stream = etcd.call(what(from), client.watch(NODES_PREFIX, Some(opts))).await?;
+    let mut stream = etcd.call(what(from), client.watch(prefix, Some(opts))).await?;
     // Historical events arrive in order. A progress response (header at or past `to`) ends the
     // search; an etcd gRPC proxy does not answer progress requests, so there a second of
     // silence after the events it replayed does.
@@ -108,7 +144,7 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
     let mut created = false;
     loop {
         let msg = match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)), stream.message()).await {
-            Err(_) if created && last_message.elapsed() >= QUIET => return Ok(last.into_values().collect()),
+            Err(_) if created && last_message.elapsed() >= QUIET => return Ok(()),
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(KvstoreError::Timeout { endpoints: etcd.endpoints.join(","), operation: what(from), timeout: etcd.timeout * 2 })
             }
@@ -123,10 +159,10 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
         last_message = tokio::time::Instant::now();
         created |= msg.created();
         if msg.canceled() && msg.compact_revision() > from {
-            // Restart from what etcd still has (older deletes are long applied).
+            // Restart from what etcd still has.
             from = msg.compact_revision();
             let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
-            stream = etcd.call(what(from), client.watch(NODES_PREFIX, Some(opts))).await?;
+            stream = etcd.call(what(from), client.watch(prefix, Some(opts))).await?;
             continue;
         }
         if msg.canceled() {
@@ -134,28 +170,15 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
         }
         let mut done = false;
         for ev in msg.events() {
-            let Some(kv) = ev.kv() else { continue };
-            if kv.mod_revision() > to {
+            if ev.kv().is_some_and(|kv| kv.mod_revision() > to) {
                 done = true;
                 break;
             }
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            match ev.event_type() {
-                EventType::Put => {
-                    last.remove(&key);
-                }
-                EventType::Delete => {
-                    let Some(prev) = ev.prev_kv() else { continue };
-                    let meta = KvMeta { key: key.clone(), mod_revision: prev.mod_revision(), lease: prev.lease() };
-                    if let Ok(node) = values::decode_node(meta, prev.value()) {
-                        last.insert(key, (kv.mod_revision(), node));
-                    }
-                }
-            }
+            each(ev);
         }
         let caught_up = !msg.created() && msg.events().is_empty() && msg.header().is_some_and(|h| h.revision() >= to);
         if done || caught_up || msg.events().last().and_then(|e| e.kv()).is_some_and(|kv| kv.mod_revision() >= to) {
-            return Ok(last.into_values().collect());
+            return Ok(());
         }
     }
 }

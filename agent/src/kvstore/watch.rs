@@ -68,11 +68,13 @@ impl KvstoreMirror {
         snap
     }
 
-    /// The changes that turn `self` into `newer` (used after a relist).
+    /// The changes that turn `self` into `newer` (used after a relist). A key's mod revision
+    /// changes with every write to it, so equal revisions (and leases) mean equal values, also
+    /// when `self` no longer holds its values.
     fn changes_to(&self, newer: &KvstoreMirror) -> Vec<Change> {
         let mut changes = Vec::new();
         for (k, v) in &newer.keys {
-            if self.keys.get(k) != Some(v) {
+            if self.keys.get(k).is_none_or(|old| (old.mod_revision, old.lease) != (v.mod_revision, v.lease)) {
                 changes.push(Change::put(k, v));
             }
         }
@@ -153,6 +155,8 @@ pub struct KvstoreWatcher {
     /// that was behind delivers them after a resync's relist; re-applied, an old put would
     /// undo a newer value until the stream caught up).
     listed_at: i64,
+    /// Whether the mirror keeps values (see [`drop_values`](Self::drop_values)).
+    keep_values: bool,
     /// A (re)connect in progress: the new client and its stream.
     opening: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Etcd, WatchStream), KvstoreError>> + Send>>>,
 }
@@ -187,6 +191,7 @@ impl KvstoreWatcher {
             progress_asked: None,
             behind_since: None,
             listed_at: 0,
+            keep_values: true,
             opening: None,
         })
     }
@@ -199,6 +204,17 @@ impl KvstoreWatcher {
 
     pub fn mirror(&self) -> &KvstoreMirror {
         &self.mirror
+    }
+
+    /// From now on the mirror holds keys, revisions and leases only: once the agent has
+    /// decoded its first snapshot, the changes carry the values it needs, and the raw copy of
+    /// every value (~30 MB at 125,000 keys) is dead weight. The mirror's snapshot is then no
+    /// longer available.
+    pub fn drop_values(&mut self) {
+        self.keep_values = false;
+        for v in self.mirror.keys.values_mut() {
+            v.value = Vec::new();
+        }
     }
 
     /// The client in use (reconnected to the members that answer after a lost stream).
@@ -273,7 +289,8 @@ impl KvstoreWatcher {
                     EventType::Put => {
                         let raw = RawKv { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() };
                         changes.push(Change::put(&key, &raw));
-                        self.mirror.keys.insert(key, raw);
+                        let held = if self.keep_values { raw } else { RawKv { value: Vec::new(), ..raw } };
+                        self.mirror.keys.insert(key, held);
                     }
                     EventType::Delete => {
                         if self.mirror.keys.remove(&key).is_some() {
@@ -427,8 +444,11 @@ impl KvstoreWatcher {
 
     /// Lists afresh; the batch holds the differences from the mirror, now applied to it.
     pub async fn relist(&mut self) -> Result<WatchBatch, KvstoreError> {
-        let fresh = KvstoreMirror::list(&self.etcd, &self.prefixes, self.opts.page_size).await?;
+        let mut fresh = KvstoreMirror::list(&self.etcd, &self.prefixes, self.opts.page_size).await?;
         let changes = self.mirror.changes_to(&fresh);
+        if !self.keep_values {
+            fresh.keys.values_mut().for_each(|v| v.value = Vec::new());
+        }
         self.mirror = fresh;
         self.listed_at = self.mirror.revision;
         self.relists += 1;

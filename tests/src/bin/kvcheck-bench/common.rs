@@ -180,3 +180,21 @@ pub(crate) fn etcd_version() -> String {
         .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(|l| l.replace("etcd Version: ", "")))
         .unwrap_or_default()
 }
+
+/// The kvstore floor: one raw range of `cilium/state/` through etcd-client, in-process, nothing
+/// decoded; the median of `runs`, and the keys it returned.
+pub(crate) fn raw_kvstore_range(runs: u32, endpoints: Vec<String>) -> Result<(Duration, usize)> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let settings = kvcheck::kvstore::config::EtcdSettings { endpoints, ..Default::default() };
+    let mut keys = 0;
+    let took = time_runs(runs, || {
+        keys = rt.block_on(async {
+            let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+            let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
+            let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
+            anyhow::Ok(resp.kvs().len())
+        })?;
+        Ok(())
+    })?;
+    Ok((took, keys))
+}

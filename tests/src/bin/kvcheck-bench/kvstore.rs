@@ -52,16 +52,8 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
         pages.push_str(&format!("| {label} | {:.0} |\n", d.as_secs_f64() * 1000.0));
     }
 
-    // The floor: one raw range over cilium/state/ through etcd-client, nothing decoded.
-    let floor = time_runs(args.runs, || {
-        rt.block_on(async {
-            let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
-            let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
-            let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
-            anyhow::ensure!(resp.kvs().len() == total_keys);
-            Ok(())
-        })
-    })?;
+    let (floor, floor_keys) = raw_kvstore_range(args.runs, etcd.endpoints())?;
+    anyhow::ensure!(floor_keys == total_keys, "the raw range returned {floor_keys} of {total_keys} keys");
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mib = |k: i64| k as f64 / 1024.0;
