@@ -179,7 +179,7 @@ fn pip_install_if_missing(package: &str, dir: &str, installed: &Path) -> Result<
     }
     eprintln!("setup: installing {package} into .tools/{dir}");
     run(Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "--target"])
         .arg(tools_dir().join(dir))
         .arg(package))
 }
