@@ -24,10 +24,7 @@ impl<T: Ord> FewSet<T> {
         match std::mem::take(self) {
             FewSet::One(a) if a == v => *self = FewSet::One(a),
             FewSet::One(a) => *self = FewSet::Many(if a < v { vec![a, v] } else { vec![v, a] }),
-            FewSet::Many(mut all) if all.is_empty() => {
-                all.clear();
-                *self = FewSet::One(v);
-            }
+            FewSet::Many(all) if all.is_empty() => *self = FewSet::One(v),
             FewSet::Many(mut all) => {
                 if let Err(at) = all.binary_search(&v) {
                     all.insert(at, v);

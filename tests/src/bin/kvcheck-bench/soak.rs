@@ -82,8 +82,8 @@ pub(crate) fn soak_bench(args: &Args) -> Result<String> {
     let mut false_findings = 0;
     for (i, (name, agent)) in agents.iter().enumerate() {
         let cpu = (cpu_seconds(pids[i]) - cpu0[i]) / elapsed * 100.0;
-        let s = samples.get(i).map_or(&[][..], |s| &s.0[..]);
-        let samples = Samples(s.to_vec());
+        let none = Samples::default();
+        let samples = samples.get(i).unwrap_or(&none);
         let (rss_lo, rss_hi) = samples.range(skip, |s| s.1 / 1024.0);
         let (fd_lo, fd_hi) = samples.range(skip, |s| s.2);
         let opened = agent.opened().len();
