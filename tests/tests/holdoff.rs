@@ -116,3 +116,36 @@ fn agent_holds_a_deleted_nodes_entries_for_the_hold_off_then_opens_them() {
     node.maps.tunnel.as_ref().unwrap().delete(&kvcheck_tests::encode::tunnel_key("10.6.7.0".parse().unwrap())).unwrap();
     agent.wait_for("finding-resolved", Some("tunnel-stale"), Some("10.6.7.0"), Duration::from_secs(5));
 }
+
+/// Writes `txns` transactions of 125 puts of unrelated keys (another application sharing the
+/// etcd): a watch from an older revision then takes etcd a while to sync.
+fn unrelated_history(node: &SimulatedNode, txns: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = etcd_client::Client::connect(node.etcd.endpoints(), None).await.unwrap();
+        let value = "x".repeat(400);
+        for t in 0..txns {
+            let ops: Vec<etcd_client::TxnOp> = (0..125).map(|i| etcd_client::TxnOp::put(format!("other-app/{t}/{i}"), value.clone(), None)).collect();
+            client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn the_hold_off_search_waits_for_etcds_history_not_its_progress_answer() {
+    if !require_root("the_hold_off_search_waits_for_etcds_history_not_its_progress_answer") {
+        return;
+    }
+    // etcd before 3.4.24 / 3.5.8 answers a progress request at once with its current
+    // revision, even while a new watch's history is still being read (etcd-io/etcd#15220).
+    // A search that took that answer for "history replayed" found no delete behind a long
+    // history, and called the held node's entries drift.
+    let node = SimulatedNode::real_1_16_15().unwrap();
+    node.etcd_del(NODE2).unwrap();
+    unrelated_history(&node, 400);
+    for round in 0..3 {
+        let (code, doc) = check(&node, &["--no-hold-off-wait"]);
+        assert_eq!((code, pairs(&doc, "findings")), (Some(0), BTreeSet::new()), "round {round}: {doc:#}");
+        assert_eq!(pairs(&doc, "held"), node2_entries(), "round {round}: {:#}", doc["hold_off"]);
+    }
+}

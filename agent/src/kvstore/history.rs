@@ -22,6 +22,9 @@ use super::values::{self, parse_time, HeldNode, KvMeta, NodeEntry, HEARTBEAT_KEY
 const MAX_HEARTBEATS: usize = 10;
 /// Silence that ends a history search the server does not answer progress requests for.
 const QUIET: Duration = Duration::from_secs(1);
+/// Revisions etcd's watch store sends a watch in one sync pass at most (`watchBatchMaxRevs`);
+/// a fuller batch may continue in the next pass.
+const WATCH_BATCH_MAX_REVS: usize = 1000;
 /// Revisions searched when no heartbeat bounds the window.
 const UNBOUNDED_WINDOW: i64 = 100_000;
 
@@ -40,7 +43,10 @@ pub async fn recent_node_deletes(
     let beats = heartbeats(etcd, snap, now - hold).await?;
     // Points (r, t): etcd had reached revision r by time t, so a delete at or before r
     // happened by t. Heartbeat writes, earlier reads, and this read.
-    let mut points: Vec<(i64, DateTime<Utc>, String)> = beats.iter().map(|(r, t)| (*r, *t, format!("{HEARTBEAT_KEY} written at revision {r}"))).collect();
+    // Cilium's operator writes whole seconds (RFC 3339 without a fraction): a heartbeat saying
+    // t was written before t + 1 s, not before t.
+    let mut points: Vec<(i64, DateTime<Utc>, String)> =
+        beats.iter().map(|(r, t, whole_seconds)| (*r, *t + chrono::Duration::seconds(i64::from(*whole_seconds)), format!("{HEARTBEAT_KEY} written at revision {r}"))).collect();
     points.extend(known.iter().map(|(r, t)| (*r, *t, format!("kvcheck's earlier read at revision {r}"))));
     points.push((snap.revision, read_at, format!("kvcheck's read at revision {}", snap.revision)));
     // Deletes at or before a point older than the hold-off are certainly applied.
@@ -53,7 +59,7 @@ pub async fn recent_node_deletes(
         if present.contains(node.meta.key.as_str()) {
             continue;
         }
-        let after = beats.iter().filter(|(r, _)| *r < rev).max_by_key(|(r, _)| *r).map(|(_, t)| *t);
+        let after = beats.iter().filter(|(r, _, _)| *r < rev).max_by_key(|(r, _, _)| *r).map(|(_, t, _)| *t);
         let Some((_, deleted_by, bounded_by)) = points.iter().filter(|(r, _, _)| *r >= rev).min_by_key(|(_, t, _)| *t) else { continue };
         let (deleted_by, bounded_by) = (*deleted_by, bounded_by.clone());
         out.push(HeldNode { node, deleted_revision: rev, deleted_after: after, deleted_by, held_until: deleted_by + hold, bounded_by });
@@ -62,17 +68,19 @@ pub async fn recent_node_deletes(
     Ok(out)
 }
 
-/// `(mod revision, time)` of the heartbeat's versions, newest first, back to the first one
-/// written before `older_than` (or as far as history and [`MAX_HEARTBEATS`] allow).
-async fn heartbeats(etcd: &Etcd, snap: &KvstoreSnapshot, older_than: DateTime<Utc>) -> Result<Vec<(i64, DateTime<Utc>)>, KvstoreError> {
+/// `(mod revision, time, whether the time is in whole seconds)` of the heartbeat's versions,
+/// newest first, back to the first one written before `older_than` (or as far as history and
+/// [`MAX_HEARTBEATS`] allow).
+async fn heartbeats(etcd: &Etcd, snap: &KvstoreSnapshot, older_than: DateTime<Utc>) -> Result<Vec<(i64, DateTime<Utc>, bool)>, KvstoreError> {
     let mut out = Vec::new();
     let Some((meta, value)) = &snap.heartbeat else { return Ok(out) };
     let mut current = (meta.mod_revision, value.clone());
     let mut kv = etcd.client.kv_client();
     while out.len() < MAX_HEARTBEATS {
         let Some(t) = parse_time(&current.1) else { break };
-        out.push((current.0, t));
-        if t <= older_than || current.0 <= 1 {
+        let whole_seconds = !current.1.contains('.');
+        out.push((current.0, t, whole_seconds));
+        if t + chrono::Duration::seconds(i64::from(whole_seconds)) <= older_than || current.0 <= 1 {
             break;
         }
         let opts = GetOptions::new().with_revision(current.0 - 1);
@@ -132,26 +140,30 @@ async fn replay(etcd: &Etcd, prefix: &str, from: i64, to: i64, mut each: impl Fn
     if from > to {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let what = |from: i64| format!("watch {prefix} history from revision {from}");
     let mut client = etcd.client.watch_client().max_decoding_message_size(reader::MAX_RESPONSE_BYTES);
     let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
     let mut stream = etcd.call(what(from), client.watch(prefix, Some(opts))).await?;
-    // Historical events arrive in order. A progress response (header at or past `to`) ends the
-    // search; an etcd gRPC proxy does not answer progress requests, so there a second of
-    // silence after the events it replayed does.
+    // Historical events arrive in order, a batch per sync pass of etcd's watch store, its
+    // header at the revision that pass read history up to. No progress request is asked:
+    // etcd before 3.4.24 / 3.5.8 answers one at once with its current revision even while the
+    // watch's history is still being read (etcd-io/etcd#15220), which ended a search behind a
+    // long history with nothing found. A watch with no event in the window gets no message;
+    // a second of silence after its creation ends the search (as behind an etcd gRPC proxy).
     let deadline = tokio::time::Instant::now() + etcd.timeout * 2;
     let mut last_message = tokio::time::Instant::now();
     let mut created = false;
     loop {
         let msg = match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)), stream.message()).await {
-            Err(_) if created && last_message.elapsed() >= QUIET => return Ok(()),
+            Err(_) if created && last_message.elapsed() >= QUIET => {
+                tracing::debug!(prefix, from, to, took_ms = started.elapsed().as_millis() as u64, "history replayed: no event within a second");
+                return Ok(());
+            }
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(KvstoreError::Timeout { endpoints: etcd.endpoints.join(","), operation: what(from), timeout: etcd.timeout * 2 })
             }
-            Err(_) => {
-                let _ = stream.request_progress().await;
-                continue;
-            }
+            Err(_) => continue,
             Ok(Err(e)) => return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: super::client::describe(&e) }),
             Ok(Ok(None)) => return Err(KvstoreError::Etcd { endpoints: etcd.endpoints.join(","), operation: what(from), message: "watch closed".into() }),
             Ok(Ok(Some(m))) => m,
@@ -176,9 +188,20 @@ async fn replay(etcd: &Etcd, prefix: &str, from: i64, to: i64, mut each: impl Fn
             }
             each(ev);
         }
-        let caught_up = !msg.created() && msg.events().is_empty() && msg.header().is_some_and(|h| h.revision() >= to);
-        if done || caught_up || msg.events().last().and_then(|e| e.kv()).is_some_and(|kv| kv.mod_revision() >= to) {
+        if done || batch_reaches(&msg, to) {
+            tracing::debug!(prefix, from, to, took_ms = started.elapsed().as_millis() as u64, "history replayed");
             return Ok(());
         }
     }
+}
+
+/// Whether an events message holds every event of its watch up to `to`: its last event is at
+/// or past `to`, or its header is (a sync pass read history that far) and the batch was not cut
+/// at [`WATCH_BATCH_MAX_REVS`]. A message without events (created, progress) tells nothing.
+fn batch_reaches(msg: &etcd_client::WatchResponse, to: i64) -> bool {
+    let revisions: Vec<i64> = msg.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).collect();
+    let Some(&last) = revisions.last() else { return false };
+    let mut distinct = revisions.clone();
+    distinct.dedup();
+    last >= to || (msg.header().is_some_and(|h| h.revision() >= to) && distinct.len() < WATCH_BATCH_MAX_REVS)
 }
