@@ -446,7 +446,7 @@ async fn follow_datapath(args: &DumpDatapath, layout: kvcheck::model::version::L
     let follow = datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval };
     let mut feed = datapath::events::ChangeFeed::open(&opts, layout, &follow)?;
     let how = match &feed.fallback_reason {
-        None => "eBPF change events".to_owned(),
+        None => format!("eBPF change events ({})", feed.ebpf_walk().unwrap_or("-")),
         Some(r) => format!("polling every {:?} ({r})", args.poll_interval),
     };
     if args.output == Output::Table {

@@ -290,6 +290,15 @@ impl ChangeFeed {
         Err("kvcheck was built without its eBPF program (no bpf-linker at build time)".to_owned())
     }
 
+    /// How the eBPF program resolves map fds (`None` when polling).
+    pub fn ebpf_walk(&self) -> Option<&'static str> {
+        match &self.source {
+            #[cfg(kvcheck_ebpf)]
+            Source::Ebpf(p) => Some(p.walk.describe()),
+            Source::Poll(_) => None,
+        }
+    }
+
     /// `ebpf` or `poll`.
     pub fn source_name(&self) -> &'static str {
         match self.source {
@@ -380,7 +389,7 @@ mod ebpf {
 
     use std::path::Path;
 
-    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+    use aya::maps::{MapData, PerCpuArray, RingBuf};
     use aya::programs::TracePoint;
     use tokio::io::unix::AsyncFd;
 
@@ -427,6 +436,7 @@ mod ebpf {
         ring: AsyncFd<RingBuf<MapData>>,
         lost: PerCpuArray<MapData, u64>,
         lost_seen: u64,
+        pub walk: FileTableWalk,
     }
 
     /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB in a container): lift it
@@ -451,6 +461,33 @@ mod ebpf {
         unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
     }
 
+    /// How the enter program resolves a map fd.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum FileTableWalk {
+        /// `bpf_get_current_task_btf` and direct loads (Linux 5.11+).
+        BtfPointers,
+        /// A `bpf_probe_read_kernel` per step (older kernels).
+        ProbeReads,
+    }
+
+    impl FileTableWalk {
+        pub fn describe(self) -> &'static str {
+            match self {
+                FileTableWalk::BtfPointers => "file table through BTF pointers",
+                FileTableWalk::ProbeReads => "file table by probe reads",
+            }
+        }
+    }
+
+    /// Loads the program `name` and attaches it to `syscalls/tracepoint`.
+    fn load_tracepoint(ebpf: &mut aya::Ebpf, name: &str, tracepoint: &str) -> Result<(), String> {
+        let prog: &mut TracePoint =
+            ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing"))?.try_into().map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        prog.load().map_err(|e| format!("loading the tracepoint program {name}: {e}"))?;
+        prog.attach("syscalls", tracepoint).map_err(|e| format!("attaching {name} to syscalls/{tracepoint}: {e}"))?;
+        Ok(())
+    }
+
     impl Program {
         /// Loads and attaches the program, watching `(map id, key size)` pairs.
         pub fn attach(maps: &[(u32, u32)]) -> Result<Program, String> {
@@ -458,7 +495,19 @@ mod ebpf {
             let off = KernelOffsets::from_btf(&Btf::parse(&btf).map_err(|e| format!("kernel BTF: {e}"))?).map_err(|e| format!("kernel BTF: {e}"))?;
             ensure_tracefs();
             raise_memlock();
+            // The program compares against a fixed array of ids (a hash lookup would cost every
+            // unwatched bpf() call on the node).
+            const WATCH_MAX: usize = 16;
+            if maps.len() > WATCH_MAX {
+                return Err(format!("{} maps to watch, the eBPF program watches at most {WATCH_MAX}", maps.len()));
+            }
+            let (mut ids, mut key_sizes) = ([0u32; WATCH_MAX], [0u32; WATCH_MAX]);
+            for (i, (id, key_size)) in maps.iter().enumerate() {
+                (ids[i], key_sizes[i]) = (*id, *key_size);
+            }
             let mut ebpf = aya::EbpfLoader::new()
+                .override_global("WATCHED_IDS", &ids, true)
+                .override_global("WATCHED_KEY_SIZES", &key_sizes, true)
                 .override_global("OFF_TASK_FILES", &off.task_files, true)
                 .override_global("OFF_FILES_FDT", &off.files_fdt, true)
                 .override_global("OFF_FDT_MAX_FDS", &off.fdt_max_fds, true)
@@ -467,29 +516,27 @@ mod ebpf {
                 .override_global("OFF_MAP_ID", &off.map_id, true)
                 .load(PROGRAM)
                 .map_err(|e| format!("loading the eBPF program: {e}"))?;
-            {
-                let mut watched: BpfHashMap<_, u32, u32> =
-                    BpfHashMap::try_from(ebpf.map_mut("WATCHED").ok_or("program has no WATCHED map")?).map_err(|e| e.to_string())?;
-                for (id, key_size) in maps {
-                    watched.insert(id, key_size, 0).map_err(|e| format!("watching map {id}: {e}"))?;
-                }
-            }
             // Exit first: an enter seen without its exit program would only fill PENDING.
-            for name in ["sys_exit_bpf", "sys_enter_bpf"] {
-                let prog: &mut TracePoint = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| format!("program {name} missing"))?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-                prog.load().map_err(|e| format!("loading the tracepoint program {name}: {e}"))?;
-                prog.attach("syscalls", name).map_err(|e| format!("attaching to syscalls/{name}: {e}"))?;
-            }
+            load_tracepoint(&mut ebpf, "sys_exit_bpf", "sys_exit_bpf")?;
+            // The enter program walks the file table through BTF pointers (Linux 5.11+); where
+            // the verifier refuses that, the same walk with a probe read per step.
+            // KVCHECK_EBPF_PROBE_READS=1 takes the second on any kernel (tests run both).
+            let forced = std::env::var_os("KVCHECK_EBPF_PROBE_READS").is_some_and(|v| v == "1");
+            let fast = if forced { Err("KVCHECK_EBPF_PROBE_READS=1".to_owned()) } else { load_tracepoint(&mut ebpf, "sys_enter_bpf", "sys_enter_bpf") };
+            let walk = match fast {
+                Ok(()) => FileTableWalk::BtfPointers,
+                Err(why) => {
+                    tracing::debug!(reason = %why, "BTF-pointer enter program not used; using the probe-read one");
+                    load_tracepoint(&mut ebpf, "sys_enter_bpf_probed", "sys_enter_bpf")?;
+                    FileTableWalk::ProbeReads
+                }
+            };
             let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or("program has no EVENTS map")?).map_err(|e| e.to_string())?;
             let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or("program has no LOST map")?).map_err(|e| e.to_string())?;
             // The ring buffer owns its fd for as long as the AsyncFd lives.
             #[allow(deprecated, reason = "AsyncFd::new is sound here: RingBuf owns the fd")]
             let ring = AsyncFd::new(ring).map_err(|e| format!("ring buffer: {e}"))?;
-            Ok(Program { _ebpf: ebpf, ring, lost, lost_seen: 0 })
+            Ok(Program { _ebpf: ebpf, ring, lost, lost_seen: 0, walk })
         }
 
         /// Events the program dropped (ring buffer full) since the last call.
