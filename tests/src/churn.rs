@@ -450,15 +450,30 @@ fn churn_node_ip(n: u32) -> IpAddr {
     v4(u32::from(Ipv4Addr::new(192, 168, 60, 0)) + n)
 }
 
-/// Its pod CIDR's base: 10.(100+n).0.0/24.
+/// Churn node `n`'s pod CIDR, 10.a.b.0/24 (router .1, health .2), as its first three octets:
+/// one /24 each within 10.100.0.0-10.199.255.0, clear of node-a's 10.1.0.0/24, node-b's
+/// 10.2.0.0/24 and the remote pods' 10.200.0.1 upwards. (It was 10.(100+n).0.0: from the 156th
+/// node joined, ~25 min into an hour's soak, the address was 10.256.0.0 and the CIDRs wrapped
+/// onto node-a's own; the soak reported those real drifts.) Numbers repeat after 25,600 joins.
+fn churn_node_net(n: u32) -> [u8; 3] {
+    let n = n % 25_600;
+    [10, (100 + n / 256) as u8, (n % 256) as u8]
+}
+
+fn churn_node_addr(n: u32, last: u8) -> IpAddr {
+    let [a, b, c] = churn_node_net(n);
+    IpAddr::V4(Ipv4Addr::new(a, b, c, last))
+}
+
+/// Its pod CIDR's base.
 fn churn_node_cidr(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, (100 + n) as u8, 0, 0))
+    churn_node_addr(n, 0)
 }
 
 fn churn_node_json(n: u32) -> String {
-    let (ip, c) = (churn_node_ip(n), 100 + n);
+    let (ip, cidr, router, health) = (churn_node_ip(n), churn_node_cidr(n), churn_node_addr(n, 1), churn_node_addr(n, 2));
     format!(
-        r#"{{"Name":"churn-{n}","Cluster":"default","IPAddresses":[{{"Type":"InternalIP","IP":"{ip}"}},{{"Type":"CiliumInternalIP","IP":"10.{c}.0.1"}}],"IPv4AllocCIDR":{{"IP":"10.{c}.0.0","Mask":"////AA=="}},"IPv6AllocCIDR":null,"IPv4HealthIP":"10.{c}.0.2","IPv6HealthIP":"","ClusterID":0,"Source":"local","EncryptionKey":0}}"#
+        r#"{{"Name":"churn-{n}","Cluster":"default","IPAddresses":[{{"Type":"InternalIP","IP":"{ip}"}},{{"Type":"CiliumInternalIP","IP":"{router}"}}],"IPv4AllocCIDR":{{"IP":"{cidr}","Mask":"////AA=="}},"IPv6AllocCIDR":null,"IPv4HealthIP":"{health}","IPv6HealthIP":"","ClusterID":0,"Source":"local","EncryptionKey":0}}"#
     )
 }
 
@@ -466,11 +481,10 @@ fn churn_node_json(n: u32) -> String {
 /// remote-node identity; router IP and health IP behind the node IP).
 fn churn_node_ipcache(n: u32) -> BTreeMap<IpAddr, IpcacheValue> {
     let node_ip = churn_node_ip(n);
-    let c = (100 + n) as u8;
     BTreeMap::from([
         (node_ip, IpcacheValue { identity: 6, ..Default::default() }),
-        (IpAddr::V4(Ipv4Addr::new(10, c, 0, 1)), IpcacheValue { identity: 6, tunnel_endpoint: Some(node_ip), ..Default::default() }),
-        (IpAddr::V4(Ipv4Addr::new(10, c, 0, 2)), IpcacheValue { identity: 4, tunnel_endpoint: Some(node_ip), ..Default::default() }),
+        (churn_node_addr(n, 1), IpcacheValue { identity: 6, tunnel_endpoint: Some(node_ip), ..Default::default() }),
+        (churn_node_addr(n, 2), IpcacheValue { identity: 4, tunnel_endpoint: Some(node_ip), ..Default::default() }),
     ])
 }
 
@@ -486,4 +500,27 @@ pub fn real_drifts(node: &SimulatedNode) -> Vec<(&'static str, &'static str, Box
         ("ipcache-missing", "10.250.0.2/32", Box::new(|| node.etcd_put("cilium/state/ip/v1/default/10.250.0.2", &ip_json("10.250.0.2", NODE_B_IP, 1000, "node-b", 77)))),
         ("identity-missing", "1002", Box::new(|| node.etcd_del("cilium/state/identities/v1/id/1002"))),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hours of churn join thousands of nodes: each keeps its own addresses, none of them
+    /// node-a's, node-b's or a remote pod's.
+    #[test]
+    fn churn_nodes_never_share_or_reuse_the_fixed_ranges() {
+        let mut cidrs = std::collections::HashSet::new();
+        let mut node_ips = std::collections::HashSet::new();
+        for n in 1..25_600 {
+            let [a, b, _] = churn_node_net(n);
+            assert!(a == 10 && (100..200).contains(&b), "node {n}: {:?}", churn_node_cidr(n));
+            assert!(cidrs.insert(churn_node_cidr(n)), "node {n} reuses {}", churn_node_cidr(n));
+            assert!(node_ips.insert(churn_node_ip(n)));
+            let json: serde_json::Value = serde_json::from_str(&churn_node_json(n)).unwrap();
+            for ip in [&json["IPv4AllocCIDR"]["IP"], &json["IPv4HealthIP"], &json["IPAddresses"][1]["IP"]] {
+                ip.as_str().unwrap().parse::<IpAddr>().unwrap();
+            }
+        }
+    }
 }

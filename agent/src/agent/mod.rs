@@ -262,11 +262,15 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cil
     // The layout comes from the maps' contents; then the feed, then the snapshot the check
     // starts from: a map change made while that is read comes as an event too (applying it
     // again is harmless), so none falls between the feed's start and the snapshot.
-    let first = run::read_datapath(&opts.check.datapath).await?.0;
-    let layout = first.layout.layout;
+    // Only the layout and the maps in use are kept from that first read: its decoded ipcache
+    // (26 MB at 500k entries) was held beside the snapshot's until the agent was ready.
+    let (layout, read_live) = {
+        let first = run::read_datapath(&opts.check.datapath).await?.0;
+        (first.layout.layout, first.live_maps.read_live())
+    };
     // Follow the maps the datapath uses (by id where they are not the pinned ones).
     let mut read = opts.check.datapath.clone();
-    read.read_live = first.live_maps.read_live();
+    read.read_live = read_live;
     // Reads every map once (a blocking walk): off the async workers.
     let feed = tokio::task::block_in_place(|| ChangeFeed::open(&read, layout, &opts.follow))?;
     let (datapath, host) = run::read_datapath(&read).await?;

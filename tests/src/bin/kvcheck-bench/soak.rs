@@ -80,13 +80,19 @@ pub(crate) fn soak_bench(args: &Args) -> Result<String> {
         stats.map_rate(), stats.kvstore_rate(), stats.map_changes, stats.kvstore_changes, every.as_secs()
     );
     let mut false_findings = 0;
+    // What a failing soak opened: per kind, with the first subjects (enough to start from).
+    let mut opened_by_kind = std::collections::BTreeMap::<String, Vec<String>>::new();
     for (i, (name, agent)) in agents.iter().enumerate() {
         let cpu = (cpu_seconds(pids[i]) - cpu0[i]) / elapsed * 100.0;
         let none = Samples::default();
         let samples = samples.get(i).unwrap_or(&none);
         let (rss_lo, rss_hi) = samples.range(skip, |s| s.1 / 1024.0);
         let (fd_lo, fd_hi) = samples.range(skip, |s| s.2);
-        let opened = agent.opened().len();
+        let opened = agent.opened();
+        for (kind, subject) in &opened {
+            opened_by_kind.entry(format!("{name}: {kind}")).or_default().push(subject.clone());
+        }
+        let opened = opened.len();
         false_findings += opened;
         t.push_str(&format!(
             "| {name} | {opened} | {:.2} % of a core | {rss_lo:.1}-{rss_hi:.1} MiB | {:+.2} MiB/h | {fd_lo:.0}-{fd_hi:.0} | {:+.1}/h |\n",
@@ -96,7 +102,8 @@ pub(crate) fn soak_bench(args: &Args) -> Result<String> {
         ));
     }
     if false_findings > 0 {
-        bail!("false findings during the soak: {t}");
+        let kinds: Vec<String> = opened_by_kind.iter().map(|(k, subjects)| format!("{k} x{} ({}{})", subjects.len(), subjects.iter().take(5).cloned().collect::<Vec<_>>().join(", "), if subjects.len() > 5 { ", ..." } else { "" })).collect();
+        bail!("false findings during the soak: {}\n\n{t}", kinds.join("; "));
     }
     Ok(t)
 }
