@@ -163,7 +163,7 @@ fn run_sections(args: &Args, figs: &mut Figures, with_ebpf: bool) -> Result<Stri
         section("ClusterMesh: remote clusters", clustermesh_bench(args)?);
     }
     if with_ebpf && args.soak {
-        section("Soak", soak_bench(args)?);
+        section("Soak", soak_bench(args, figs)?);
     }
     if wanted("check") || wanted("agent") || wanted("kubernetes") {
         let node = BenchNode::build(args.shape, args.ipcache_entries)?;
@@ -252,6 +252,9 @@ fn main() -> Result<()> {
             _ => doc,
         };
         std::fs::write(path, doc).with_context(|| format!("writing {path}"))?;
+    }
+    if let Some(n) = figs.get("soak_false_findings").filter(|n| **n > 0.0) {
+        bail!("the soak opened {n} false findings (its section says which)");
     }
     Ok(())
 }
