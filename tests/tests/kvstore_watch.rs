@@ -208,9 +208,9 @@ fn events_older_than_a_relist_are_not_reapplied() {
     });
 }
 
-/// The agent's mirror after its first snapshot: keys and revisions, no values. Changes still
-/// carry their values, and a relist reports exactly what differs (equal mod revisions are equal
-/// values), not every key.
+/// The agent's start: the list decoded page by page into a snapshot equal to a one-shot read's,
+/// the mirror holding keys and revisions, no values. Changes still carry their values, and a
+/// relist reports exactly what differs (equal mod revisions are equal values), not every key.
 #[test]
 fn a_mirror_without_values_follows_and_relists_exactly() {
     if !require_root("a_mirror_without_values_follows_and_relists_exactly") {
@@ -218,14 +218,23 @@ fn a_mirror_without_values_follows_and_relists_exactly() {
     }
     let etcd = EtcdCluster::single().unwrap();
     let ip_key = |i: u8| format!("cilium/state/ip/v1/default/10.6.11.{i}");
-    etcd.put_all(&(1..=10).map(|i| (ip_key(i), ip_value(&format!("10.6.11.{i}"), 500))).collect::<Vec<_>>()).unwrap();
+    let mut puts: Vec<(String, String)> = (1..=10).map(|i| (ip_key(i), ip_value(&format!("10.6.11.{i}"), 500))).collect();
+    // Every kind the snapshot holds, one malformed value among them, over more than one page.
+    puts.push(("cilium/state/nodes/v1/default/n1".into(), r#"{"Name":"n1","Cluster":"default","IPAddresses":[{"Type":"InternalIP","IP":"10.5.1.133"}]}"#.into()));
+    puts.push(("cilium/state/identities/v1/id/500".into(), "k8s:app=a;k8s:io.kubernetes.pod.namespace=default;".into()));
+    puts.push(("cilium/state/ip/v1/default/10.6.11.99".into(), "{not json".into()));
+    etcd.put_all(&puts).unwrap();
     let settings = EtcdSettings { endpoints: etcd.endpoints(), ..Default::default() };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let client = Etcd::connect(&settings, Duration::from_secs(2)).await.unwrap();
-        let mut w = KvstoreWatcher::start(settings.clone(), client.clone(), ListOptions::default()).await.unwrap();
-        w.drop_values();
-        assert!(w.mirror().keys.values().all(|v| v.value.is_empty()) && w.mirror().keys.len() == 10);
+        let opts = ListOptions { page_size: 4, ..Default::default() };
+        let (mut w, snap) = KvstoreWatcher::start_decoded(settings.clone(), client.clone(), opts.clone()).await.unwrap();
+        let one_shot = kvcheck::kvstore::reader::read_snapshot(&client, &opts).await.unwrap();
+        assert_eq!(snap.revision, one_shot.revision);
+        assert_eq!(serde_json::to_value(&snap).unwrap(), serde_json::to_value(&one_shot).unwrap(), "the agent's decoded start differs from a one-shot read");
+        assert!(snap.ips.len() == 10 && snap.nodes.len() == 1 && snap.identities.len() == 1 && snap.malformed.len() == 1, "{snap:?}");
+        assert!(w.mirror().keys.values().all(|v| v.value.is_empty()) && w.mirror().keys.len() == 13);
         etcd.put_all(&[(ip_key(1), ip_value("10.6.11.1", 501))]).unwrap();
         let changes = catch_up(&mut w, etcd.revision().unwrap()).await;
         assert!(matches!(&changes[..], [Change::Put { key, value, .. }] if *key == ip_key(1) && value.contains("501")), "{changes:?}");

@@ -21,6 +21,7 @@ use crate::datapath::events::{ChangeFeed, FollowOptions};
 use crate::datapath::inuse::LiveMaps;
 use crate::kvstore::health::{self, ClusterHealth};
 use crate::kvstore::history;
+use crate::kvstore::reader::KvstoreSnapshot;
 use crate::k8s::watch::{KubeWatcher, ObjectChange};
 use crate::kvstore::watch::KvstoreWatcher;
 use crate::clustermesh::watch::MeshWatch;
@@ -246,11 +247,14 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cil
     if crd_mode && client.is_none() {
         anyhow::bail!("Cilium runs in CRD mode (no kvstore): nodes and pod IPs are CiliumNode and CiliumEndpoint objects, and {}", unread.unwrap_or_default());
     }
-    let (watcher, health) = if crd_mode {
-        (None, ClusterHealth::default())
+    // The kvstore is decoded as it is listed: the live check holds the decoded snapshot, the
+    // watch keeps keys and revisions, its changes carry the values.
+    let (watcher, mut kvstore, health) = if crd_mode {
+        (None, KvstoreSnapshot::default(), ClusterHealth::default())
     } else {
         let (etcd, health) = health::connect_healthy(&opts.check.etcd, opts.check.etcd_timeout).await?;
-        (Some(KvstoreWatcher::start(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?.with_progress_interval(opts.watch_progress)), health)
+        let (w, snap) = KvstoreWatcher::start_decoded(opts.check.etcd.clone(), etcd, opts.check.list.clone()).await?;
+        (Some(w.with_progress_interval(opts.watch_progress)), snap, health)
     };
     let (kube, listed) = match &client {
         Some(c) => {
@@ -275,10 +279,6 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cil
     let feed = tokio::task::block_in_place(|| ChangeFeed::open(&read, layout, &opts.follow))?;
     let (datapath, host) = run::read_datapath(&read).await?;
     let now = chrono::Utc::now();
-    let mut kvstore = match &watcher {
-        Some(w) => w.mirror().snapshot(),
-        None => Default::default(),
-    };
     if watcher.is_none() {
         kvstore.origin.endpoints = StateSource::Kubernetes;
         kvstore.origin.endpoint_slices = config.endpoint_slices.unwrap_or(false);
@@ -301,11 +301,6 @@ async fn start_live(opts: &AgentOptions, agent_config: Option<&AgentConfig>, cil
             Ok(held) => check.hold_nodes(held),
             Err(e) => tracing::warn!(event = "hold-off-history-error", error = %e, "could not search etcd's history for recent node deletes"),
         }
-    }
-    // The live check holds the decoded snapshot; the watch's changes carry the values.
-    let mut watcher = watcher;
-    if let Some(w) = watcher.as_mut() {
-        w.drop_values();
     }
     Ok(Live { watcher, kube, mesh, feed, read_live: read.read_live, check })
 }
@@ -408,6 +403,9 @@ fn publish_sources(metrics: &Metrics, l: &Live) {
     }
 }
 
+/// A re-check of this many ipcache prefixes or more (a burst) is followed by a heap trim.
+const TRIM_AFTER_PREFIXES: usize = 1000;
+
 /// Re-checks what changed (everything after a start or resync) and records the result.
 fn evaluate(state: &mut State, live: &mut Live) {
     let started = Instant::now();
@@ -428,9 +426,10 @@ fn evaluate(state: &mut State, live: &mut Live) {
     if state.judging {
         state.record_findings(findings, &scope, started);
     }
-    if scope == Scope::Full {
-        // A full check allocates and frees a lot (decoded snapshots, findings): give the freed
-        // pages back so an idle agent's RSS is what it holds, not its peak.
+    if matches!(&scope, Scope::Full) || matches!(&scope, Scope::Prefixes(p) if p.len() >= TRIM_AFTER_PREFIXES) {
+        // A full check, or a burst, allocates and frees a lot (decoded snapshots, a whole-map
+        // re-read, findings): give the freed pages back so an idle agent's RSS is what it
+        // holds, not its peak.
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only releases free heap memory.
         unsafe {

@@ -5,7 +5,8 @@
 //! and the tunnel map (v1.17 and older). Where the agent's configuration is unknown, an
 //! expectation accepts every value Cilium can legitimately write, and says so.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::BuildHasher;
 
 use crate::model::fewset::FewSet;
 use std::net::IpAddr;
@@ -84,23 +85,25 @@ pub struct ExpectedTunnel {
 /// them at ~55 % node fill (heaptrack: 33 MB); a sorted vector needs about half (~17 MB,
 /// estimated; the check's peak RSS fell 136 -> 124 MiB with this and the diff's position
 /// marks). While it is built (expectations arrive in kvstore order and merge by prefix) a hash
-/// index finds a prefix; [`finish`](Self::finish) sorts the entries and drops the index.
+/// index of positions finds a prefix (4 bytes a slot, comparing through the entries: a map
+/// of prefixes to positions cost 8.7 MB at the bench's size); [`finish`](Self::finish) sorts
+/// the entries and drops the index.
 #[derive(Clone, Debug, Default)]
 pub struct ExpectedIpcache {
     entries: Vec<(IpNet, Expectation)>,
-    /// `Some` while building: prefix -> position in `entries` (unsorted until `finish`).
-    index: Option<HashMap<IpNet, usize>>,
+    /// `Some` while building: positions in `entries` (unsorted until `finish`) by prefix.
+    index: Option<(hashbrown::HashTable<u32>, std::collections::hash_map::RandomState)>,
 }
 
 impl ExpectedIpcache {
     fn building(capacity: usize) -> Self {
-        ExpectedIpcache { entries: Vec::with_capacity(capacity), index: Some(HashMap::with_capacity(capacity)) }
+        ExpectedIpcache { entries: Vec::with_capacity(capacity), index: Some((hashbrown::HashTable::with_capacity(capacity), Default::default())) }
     }
 
     /// `prefix`'s position in [`iter`](Self::iter)'s order, and its expectation.
     pub fn lookup(&self, prefix: &IpNet) -> Option<(usize, &Expectation)> {
         let at = match &self.index {
-            Some(index) => index.get(prefix).copied(),
+            Some((index, hasher)) => index.find(hasher.hash_one(prefix), |&p| self.entries[p as usize].0 == *prefix).map(|&p| p as usize),
             None => self.entries.binary_search_by(|(p, _)| p.cmp(prefix)).ok(),
         };
         at.map(|i| (i, &self.entries[i].1))
@@ -118,13 +121,16 @@ impl ExpectedIpcache {
     /// A prefix not held yet (callers merge into a held one through `get_mut`).
     fn insert(&mut self, prefix: IpNet, e: Expectation) {
         match &mut self.index {
-            Some(index) => match index.entry(prefix) {
-                std::collections::hash_map::Entry::Occupied(at) => self.entries[*at.get()].1 = e,
-                std::collections::hash_map::Entry::Vacant(at) => {
-                    at.insert(self.entries.len());
-                    self.entries.push((prefix, e));
+            Some((index, hasher)) => {
+                let entries = &mut self.entries;
+                match index.find(hasher.hash_one(prefix), |&p| entries[p as usize].0 == prefix) {
+                    Some(&at) => entries[at as usize].1 = e,
+                    None => {
+                        index.insert_unique(hasher.hash_one(prefix), entries.len() as u32, |&p| hasher.hash_one(entries[p as usize].0));
+                        entries.push((prefix, e));
+                    }
                 }
-            },
+            }
             None => match self.entries.binary_search_by(|(p, _)| p.cmp(&prefix)) {
                 Ok(at) => self.entries[at].1 = e,
                 Err(at) => self.entries.insert(at, (prefix, e)),

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use super::config::DatapathConfig;
 use super::diff::{self, Finding, Observed};
 use super::expected;
+use super::ip_index::IpIndex;
 use super::kinds::FindingKind;
 use super::run::{self, Reading};
 use crate::datapath::addresses::HostAddresses;
@@ -66,7 +67,7 @@ pub struct LiveCheck {
     config: DatapathConfig,
     reading: Reading,
     /// `ip/v1` key → position in `reading.kvstore.ips`.
-    ip_at: HashMap<Box<str>, usize>,
+    ip_at: IpIndex,
     /// CRD mode: CiliumEndpoint (or CiliumEndpointSlice) → positions of its entries in
     /// `reading.kvstore.ips`. The live check holds the objects' entries; the Kubernetes watch
     /// only their names.
@@ -108,7 +109,7 @@ impl LiveCheck {
             cluster: cluster.to_owned(),
             config,
             reading,
-            ip_at: HashMap::new(),
+            ip_at: IpIndex::default(),
             objects: HashMap::new(),
             identities_from_objects: false,
             hosted: HashSet::new(),
@@ -171,15 +172,11 @@ impl LiveCheck {
 
     fn index_kvstore(&mut self) {
         let ips = &self.reading.kvstore.ips;
-        let (mut ip_at, mut objects) = (HashMap::new(), HashMap::<Box<str>, Vec<u32>>::new());
-        for (i, e) in ips.iter().enumerate() {
-            if e.meta.key.starts_with(IP_PREFIX) {
-                ip_at.insert(Box::from(e.meta.key.as_str()), i);
-            } else {
-                objects.entry(decode::object_of(&e.meta.key).into()).or_default().push(i as u32);
-            }
+        let mut objects = HashMap::<Box<str>, Vec<u32>>::new();
+        for (i, e) in ips.iter().enumerate().filter(|(_, e)| !e.meta.key.starts_with(IP_PREFIX)) {
+            objects.entry(decode::object_of(&e.meta.key).into()).or_default().push(i as u32);
         }
-        self.ip_at = ip_at;
+        self.ip_at = IpIndex::of(ips, |e| e.meta.key.starts_with(IP_PREFIX));
         self.objects = objects.into_iter().map(|(k, v)| (k, v.into())).collect();
         self.other_spaces = ips.iter().filter(|e| !e.meta.key.starts_with(IP_DEFAULT_SPACE)).count();
     }
@@ -194,7 +191,7 @@ impl LiveCheck {
         self.other_spaces -= usize::from(!gone.meta.key.starts_with(IP_DEFAULT_SPACE));
         let Some(moved) = self.reading.kvstore.ips.get(i) else { return };
         if moved.meta.key.starts_with(IP_PREFIX) {
-            self.ip_at.insert(Box::from(moved.meta.key.as_str()), i);
+            self.ip_at.moved(&self.reading.kvstore.ips, last, i);
         } else if let Some(at) = self.objects.get_mut(decode::object_of(&moved.meta.key)) {
             for p in at.iter_mut().filter(|p| **p as usize == last) {
                 *p = i as u32;
@@ -538,7 +535,7 @@ impl LiveCheck {
                 reader::decode_raw_into(snap, std::iter::once((meta, value.as_bytes())), None);
                 if let Some(e) = snap.ips.get(before) {
                     let id = e.identity;
-                    self.ip_at.insert(Box::from(key.as_str()), before);
+                    self.ip_at.insert(&snap.ips, before);
                     if e.host_ip.is_some_and(|h| self.hosts.contains(&h)) {
                         self.hosted.insert(Box::from(key.as_str()));
                     }
@@ -555,7 +552,8 @@ impl LiveCheck {
     /// Marks what the value now under `key` makes the ipcache expect.
     fn touch_key(&mut self, key: &str) {
         if key.starts_with(IP_PREFIX) {
-            if let Some(e) = self.ip_at.get(key).map(|i| &self.reading.kvstore.ips[*i]) {
+            let ips = &self.reading.kvstore.ips;
+            if let Some(e) = self.ip_at.get(ips, key).map(|i| &ips[i]) {
                 self.touched.insert(e.prefix);
             }
         } else if key.starts_with(NODES_PREFIX) {
@@ -566,7 +564,7 @@ impl LiveCheck {
 
     fn remove_key(&mut self, key: &str) {
         if key.starts_with(IP_PREFIX) {
-            if let Some(i) = self.ip_at.remove(key) {
+            if let Some(i) = self.ip_at.remove(&self.reading.kvstore.ips, key) {
                 self.hosted.remove(key);
                 self.swap_remove_ip(i);
             }
@@ -651,8 +649,8 @@ impl LiveCheck {
             let exp = if self.other_spaces > 0 {
                 expected::derive_scoped(kv, &ctx, &self.touched)
             } else {
-                let touched = self.touched.iter().filter_map(|p| self.ip_at.get(diff::ip_key(p).as_str()));
-                let at: std::collections::BTreeSet<usize> = touched.chain(self.hosted.iter().filter_map(|k| self.ip_at.get(k))).copied().collect();
+                let touched = self.touched.iter().filter_map(|p| self.ip_at.get(&kv.ips, diff::ip_key(p).as_str()));
+                let at: std::collections::BTreeSet<usize> = touched.chain(self.hosted.iter().filter_map(|k| self.ip_at.get(&kv.ips, k))).collect();
                 expected::derive_for(kv, &ctx, &self.touched, at.into_iter().map(|i| &kv.ips[i]))
             };
             let r = &self.reading;

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod diff;
 pub mod expected;
+mod ip_index;
 pub mod kinds;
 pub mod live;
 pub mod run;

@@ -70,7 +70,8 @@ trait RawMirror: Send {
     fn set(&mut self, key: &[u8], value: Option<&[u8]>);
     /// Replaces the whole content (the first read of the map).
     fn fill(&mut self, entries: &mut dyn Iterator<Item = (&[u8], &[u8])>);
-    fn keys(&self) -> Vec<Vec<u8>>;
+    /// Calls `f` with every key held.
+    fn for_each_key(&self, f: &mut dyn FnMut(&[u8]));
 }
 
 /// Changes kept aside before they are merged into the sorted entries.
@@ -124,9 +125,9 @@ impl<const K: usize, const V: usize> RawMirror for FixedMirror<K, V> {
         self.sorted.shrink_to_fit();
     }
 
-    fn keys(&self) -> Vec<Vec<u8>> {
+    fn for_each_key(&self, f: &mut dyn FnMut(&[u8])) {
         let kept = self.sorted.iter().map(|(k, _)| k).filter(|k| !self.changed.contains_key(*k));
-        kept.chain(self.changed.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k)).map(|k| k.to_vec()).collect()
+        kept.chain(self.changed.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k)).for_each(|k| f(k));
     }
 }
 
@@ -197,17 +198,31 @@ impl Watched {
 
     /// Re-reads the whole map and reports every difference from the mirror.
     fn resync(&mut self, layout: Layout, source: &'static str) -> Result<Vec<DatapathChange>, DatapathError> {
+        // Nothing per key is allocated but the changes: a poll every 500 ms and a burst's
+        // re-read of a 500k-entry ipcache would otherwise build sets of every key.
         let raw = self.map.read_all(ReadStrategy::BatchWithFallback)?;
-        let mut out = Vec::new();
-        let mut present = std::collections::HashSet::with_capacity(raw.len());
+        let mut held = 0;
+        self.mirror.for_each_key(&mut |_| held += 1);
+        let (mut out, mut found) = (Vec::new(), 0);
         for (k, v) in raw.iter() {
-            present.insert(k.to_vec());
-            if self.mirror.get(k) != Some(v) {
+            let before = self.mirror.get(k);
+            found += usize::from(before.is_some());
+            if before != Some(v) {
                 out.extend(self.record(layout, k.to_vec(), Some(v.to_vec()), source));
             }
         }
-        for k in self.mirror.keys() {
-            if !present.contains(&k) {
+        if found != held {
+            // Some keys held are gone (or, more found than held, the read raced with updates
+            // and returned a key twice): find them among the map's keys, sorted.
+            let mut present: Vec<&[u8]> = raw.iter().map(|(k, _)| k).collect();
+            present.sort_unstable();
+            let mut gone = Vec::new();
+            self.mirror.for_each_key(&mut |k| {
+                if present.binary_search(&k).is_err() {
+                    gone.push(k.to_vec());
+                }
+            });
+            for k in gone {
                 out.extend(self.record(layout, k, None, source));
             }
         }
@@ -599,7 +614,8 @@ mod tests {
         for k in (0..=255u8).flat_map(|a| (5..10u8).map(move |b| [a, b])) {
             assert_eq!(m.get(&k), model.get(&k).map(|v| v.as_slice()), "{k:?}");
         }
-        let mut keys = m.keys();
+        let mut keys = Vec::new();
+        m.for_each_key(&mut |k| keys.push(k.to_vec()));
         keys.sort();
         assert_eq!(keys, model.keys().map(|k| k.to_vec()).collect::<Vec<_>>());
         // Keys of the wrong size are not Cilium's: ignored.

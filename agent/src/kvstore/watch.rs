@@ -12,7 +12,6 @@ use super::client::{Etcd, KvstoreError};
 use super::config::EtcdSettings;
 use super::health;
 use super::reader::{self, KvstoreSnapshot, ListOptions};
-use super::values::KvMeta;
 use crate::backoff::Backoff;
 
 
@@ -22,6 +21,14 @@ pub struct RawKv {
     pub value: Vec<u8>,
     pub mod_revision: i64,
     pub lease: i64,
+}
+
+impl RawKv {
+    /// `kv`'s revision and lease, and its value when `keep_value`.
+    fn of(kv: &etcd_client::KeyValue, keep_value: bool) -> RawKv {
+        let value = if keep_value { kv.value().to_vec() } else { Vec::new() };
+        RawKv { value, mod_revision: kv.mod_revision(), lease: kv.lease() }
+    }
 }
 
 /// Cilium's keys at a revision, raw; decoded on demand into a [`KvstoreSnapshot`].
@@ -39,16 +46,21 @@ impl KvstoreMirror {
 
     /// Lists every prefix at one revision.
     pub async fn list(etcd: &Etcd, prefixes: &[String], page_size: i64) -> Result<KvstoreMirror, KvstoreError> {
+        Self::list_pages(etcd, prefixes, page_size, true, |_| {}).await
+    }
+
+    /// Lists every prefix at one revision, handing each page to `on_page` as it arrives; the
+    /// mirror keeps the values only when `keep_values` (a caller that decodes the pages needs
+    /// keys and revisions only, and never allocates ~30 MB of raw values it would drop).
+    async fn list_pages(etcd: &Etcd, prefixes: &[String], page_size: i64, keep_values: bool, mut on_page: impl FnMut(&[etcd_client::KeyValue])) -> Result<KvstoreMirror, KvstoreError> {
         let mut mirror = KvstoreMirror::default();
         let mut revision = None;
         for prefix in prefixes {
             let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page| {
                 for kv in page {
-                    mirror.keys.insert(
-                        String::from_utf8_lossy(kv.key()).into_owned(),
-                        RawKv { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() },
-                    );
+                    mirror.keys.insert(String::from_utf8_lossy(kv.key()).into_owned(), RawKv::of(kv, keep_values));
                 }
+                on_page(page);
             })
             .await?;
             revision = Some(rev);
@@ -57,37 +69,10 @@ impl KvstoreMirror {
         Ok(mirror)
     }
 
-    /// Decodes the mirror (malformed values become items, as in a fresh read).
-    pub fn snapshot(&self) -> KvstoreSnapshot {
-        let mut snap = KvstoreSnapshot { revision: self.revision, ..Default::default() };
-        reader::decode_raw_into(
-            &mut snap,
-            self.keys.iter().map(|(k, v)| (KvMeta { key: k.clone(), mod_revision: v.mod_revision, lease: v.lease }, v.value.as_slice())),
-            None,
-        );
-        // The vectors grew by doubling while decoding; the agent keeps this snapshot (measured at
-        // 100k `ip/v1` entries: 19.9 MB of capacity for 15.2 MB of entries).
-        snap.ips.shrink_to_fit();
-        snap.nodes.shrink_to_fit();
-        snap
-    }
-
-    /// The changes that turn `self` into `newer` (used after a relist). A key's mod revision
-    /// changes with every write to it, so equal revisions (and leases) mean equal values, also
-    /// when `self` no longer holds its values.
-    fn changes_to(&self, newer: &KvstoreMirror) -> Vec<Change> {
-        let mut changes = Vec::new();
-        for (k, v) in &newer.keys {
-            if self.keys.get(k).is_none_or(|old| (old.mod_revision, old.lease) != (v.mod_revision, v.lease)) {
-                changes.push(Change::put(k, v));
-            }
-        }
-        for k in self.keys.keys() {
-            if !newer.keys.contains_key(k) {
-                changes.push(Change::Delete { key: k.clone(), mod_revision: newer.revision });
-            }
-        }
-        changes
+    /// The deletes that turn `self` into `newer` (a relist's puts are found while it lists).
+    fn deletes_to(&self, newer: &KvstoreMirror) -> Vec<Change> {
+        let gone = self.keys.keys().filter(|k| !newer.keys.contains_key(*k));
+        gone.map(|k| Change::Delete { key: k.clone(), mod_revision: newer.revision }).collect()
     }
 }
 
@@ -104,12 +89,13 @@ pub enum Change {
 }
 
 impl Change {
-    fn put(key: &str, v: &RawKv) -> Change {
+    /// A put of `kv`, as etcd delivered it.
+    fn put(kv: &etcd_client::KeyValue) -> Change {
         Change::Put {
-            key: key.to_owned(),
-            value: String::from_utf8_lossy(&v.value).into_owned(),
-            mod_revision: v.mod_revision,
-            lease: v.lease,
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: String::from_utf8_lossy(kv.value()).into_owned(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
         }
     }
 
@@ -159,7 +145,7 @@ pub struct KvstoreWatcher {
     /// that was behind delivers them after a resync's relist; re-applied, an old put would
     /// undo a newer value until the stream caught up).
     listed_at: i64,
-    /// Whether the mirror keeps values (see [`drop_values`](Self::drop_values)).
+    /// Whether the mirror keeps values (not when started by [`start_decoded`](Self::start_decoded)).
     keep_values: bool,
     /// A (re)connect in progress: the new client and its stream.
     opening: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Etcd, WatchStream), KvstoreError>> + Send>>>,
@@ -176,10 +162,33 @@ impl KvstoreWatcher {
         Self::start_on(settings, etcd, opts, prefixes).await
     }
 
+    /// Lists Cilium's keys, decoding each page into the snapshot it returns as it arrives, and
+    /// follows them. The mirror holds keys and revisions only: the caller keeps the decoded
+    /// state and the changes carry the values (a raw copy of every value, ~30 MB at 125,000
+    /// keys, would be dead weight, and allocated between the long-lived keys it fragments them).
+    pub async fn start_decoded(settings: EtcdSettings, etcd: Etcd, opts: ListOptions) -> Result<(KvstoreWatcher, KvstoreSnapshot), KvstoreError> {
+        let prefixes = cilium_prefixes(&opts);
+        let mut snap = KvstoreSnapshot::default();
+        let mirror = KvstoreMirror::list_pages(&etcd, &prefixes, opts.page_size, false, |page| reader::decode_into(&mut snap, page)).await?;
+        snap.revision = mirror.revision;
+        // The vectors grew by doubling while decoding; the caller keeps this snapshot (measured
+        // at 100k `ip/v1` entries: 19.9 MB of capacity for 15.2 MB of entries).
+        snap.ips.shrink_to_fit();
+        snap.nodes.shrink_to_fit();
+        let mut w = Self::following(settings, etcd, opts, prefixes, mirror);
+        w.keep_values = false;
+        Ok((w, snap))
+    }
+
     /// Lists and follows `prefixes` (a ClusterMesh remote's).
     pub async fn start_on(settings: EtcdSettings, etcd: Etcd, opts: ListOptions, prefixes: Vec<String>) -> Result<KvstoreWatcher, KvstoreError> {
         let mirror = KvstoreMirror::list(&etcd, &prefixes, opts.page_size).await?;
-        Ok(KvstoreWatcher {
+        Ok(Self::following(settings, etcd, opts, prefixes, mirror))
+    }
+
+    /// A watcher of `prefixes`, from `mirror`'s revision on.
+    fn following(settings: EtcdSettings, etcd: Etcd, opts: ListOptions, prefixes: Vec<String>, mirror: KvstoreMirror) -> KvstoreWatcher {
+        KvstoreWatcher {
             settings,
             etcd,
             opts,
@@ -197,7 +206,7 @@ impl KvstoreWatcher {
             listed_at: 0,
             keep_values: true,
             opening: None,
-        })
+        }
     }
 
     /// Sets how long a quiet watch goes before its progress is requested.
@@ -208,17 +217,6 @@ impl KvstoreWatcher {
 
     pub fn mirror(&self) -> &KvstoreMirror {
         &self.mirror
-    }
-
-    /// From now on the mirror holds keys, revisions and leases only: once the agent has
-    /// decoded its first snapshot, the changes carry the values it needs, and the raw copy of
-    /// every value (~30 MB at 125,000 keys) is dead weight. The mirror's snapshot is then no
-    /// longer available.
-    pub fn drop_values(&mut self) {
-        self.keep_values = false;
-        for v in self.mirror.keys.values_mut() {
-            v.value = Vec::new();
-        }
     }
 
     /// The client in use (reconnected to the members that answer after a lost stream).
@@ -291,10 +289,8 @@ impl KvstoreWatcher {
                 }
                 match ev.event_type() {
                     EventType::Put => {
-                        let raw = RawKv { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() };
-                        changes.push(Change::put(&key, &raw));
-                        let held = if self.keep_values { raw } else { RawKv { value: Vec::new(), ..raw } };
-                        self.mirror.keys.insert(key, held);
+                        changes.push(Change::put(kv));
+                        self.mirror.keys.insert(key, RawKv::of(kv, self.keep_values));
                     }
                     EventType::Delete => {
                         if self.mirror.keys.remove(&key).is_some() {
@@ -448,11 +444,15 @@ impl KvstoreWatcher {
 
     /// Lists afresh; the batch holds the differences from the mirror, now applied to it.
     pub async fn relist(&mut self) -> Result<WatchBatch, KvstoreError> {
-        let mut fresh = KvstoreMirror::list(&self.etcd, &self.prefixes, self.opts.page_size).await?;
-        let changes = self.mirror.changes_to(&fresh);
-        if !self.keep_values {
-            fresh.keys.values_mut().for_each(|v| v.value = Vec::new());
-        }
+        // A key's mod revision changes with every write to it: equal revisions (and leases)
+        // are equal values, also when the mirror does not hold them.
+        let (old, mut changes) = (&self.mirror, Vec::new());
+        let fresh = KvstoreMirror::list_pages(&self.etcd, &self.prefixes, self.opts.page_size, self.keep_values, |page| {
+            let changed = page.iter().filter(|kv| old.keys.get(String::from_utf8_lossy(kv.key()).as_ref()).is_none_or(|o| (o.mod_revision, o.lease) != (kv.mod_revision(), kv.lease())));
+            changes.extend(changed.map(Change::put));
+        })
+        .await?;
+        changes.extend(self.mirror.deletes_to(&fresh));
         self.mirror = fresh;
         self.listed_at = self.mirror.revision;
         self.relists += 1;
