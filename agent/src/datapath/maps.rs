@@ -177,16 +177,34 @@ impl PinnedMap {
     /// Reads every entry. Batch lookups first (many entries per syscall), falling back to
     /// per-key iteration when the kernel refuses them for this map type.
     pub fn read_all(&self, strategy: ReadStrategy) -> Result<RawEntries, DatapathError> {
+        let mut all = RawEntries::empty(self.meta.key_size as usize, self.meta.value_size as usize, ReadMethod::BatchLookup);
+        all.method = self.read_each(strategy, &mut |part| {
+            all.keys.extend_from_slice(&part.keys);
+            all.values.extend_from_slice(&part.values);
+        })?;
+        Ok(all)
+    }
+
+    /// Reads every entry as [`read_all`](Self::read_all) does, handing them to `on_entries` as
+    /// they are read (each batch lookup's entries; all of them when keys are iterated), so a
+    /// caller that decodes them never holds the raw map. Returns how the map was read.
+    pub fn read_each(&self, strategy: ReadStrategy, on_entries: &mut dyn FnMut(&RawEntries)) -> Result<ReadMethod, DatapathError> {
         if strategy == ReadStrategy::BatchWithFallback {
-            match self.read_batched() {
-                Ok(entries) => return Ok(entries),
-                Err(e) if sys::is_unsupported(&e) => {
+            let mut delivered = false;
+            match self.read_batched(&mut |part| {
+                delivered = true;
+                on_entries(part);
+            }) {
+                Ok(()) => return Ok(ReadMethod::BatchLookup),
+                // (Refused at the first call, before anything was handed over.)
+                Err(e) if sys::is_unsupported(&e) && !delivered => {
                     tracing::debug!(map = %self.meta.name, error = %e, "batch lookup refused; iterating keys");
                 }
                 Err(source) => return Err(self.read_error(source)),
             }
         }
-        self.read_iterating()
+        on_entries(&self.read_iterating()?);
+        Ok(ReadMethod::KeyIteration)
     }
 
     fn read_error(&self, source: std::io::Error) -> DatapathError {
@@ -201,55 +219,40 @@ impl PinnedMap {
         self.batch_fd.as_fd()
     }
 
-    fn read_batched(&self) -> std::io::Result<RawEntries> {
+    /// Batch lookups, each call's entries handed to `on_batch` (one buffer, reused).
+    fn read_batched(&self, on_batch: &mut dyn FnMut(&RawEntries)) -> std::io::Result<()> {
         let key_size = self.meta.key_size as usize;
         let value_size = self.meta.value_size as usize;
         let max = self.meta.max_entries.max(1) as usize;
         // 8192 entries per call: ~60 syscalls for a full 500k ipcache; buffers stay < 400 KiB.
         let mut chunk = max.min(8192);
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
+        let mut batch = RawEntries::empty(key_size, value_size, ReadMethod::BatchLookup);
         let mut cursor = vec![0u8; key_size.max(8)];
         let mut first = true;
         loop {
-            let have = keys.len();
-            let have_values = values.len();
-            keys.resize(have + chunk * key_size, 0);
-            values.resize(have_values + chunk * value_size, 0);
-            let step = sys::lookup_batch(
-                self.fd(),
-                first,
-                &mut cursor,
-                &mut keys[have..],
-                &mut values[have_values..],
-                chunk as u32,
-            );
+            batch.keys.resize(chunk * key_size, 0);
+            batch.values.resize(chunk * value_size, 0);
+            let step = sys::lookup_batch(self.fd(), first, &mut cursor, &mut batch.keys, &mut batch.values, chunk as u32);
             let (got, done) = match step {
                 Ok(sys::BatchStep::More(n)) => (n as usize, false),
                 Ok(sys::BatchStep::Done(n)) => (n as usize, true),
                 // Hash maps answer ENOSPC when one bucket holds more entries than `count`.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < max.max(65536) => {
-                    keys.truncate(have);
-                    values.truncate(have_values);
                     chunk *= 2;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            keys.truncate(have + got * key_size);
-            values.truncate(have_values + got * value_size);
+            batch.keys.truncate(got * key_size);
+            batch.values.truncate(got * value_size);
+            if got > 0 {
+                on_batch(&batch);
+            }
             first = false;
             if done {
-                break;
+                return Ok(());
             }
         }
-        Ok(RawEntries {
-            key_size,
-            value_size,
-            keys,
-            values,
-            method: ReadMethod::BatchLookup,
-        })
     }
 
     fn read_iterating(&self) -> Result<RawEntries, DatapathError> {

@@ -186,8 +186,10 @@ pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> 
         check_shape(t, &[(tunnel::KEY_SIZE as u32, tunnel::VALUE_SIZE as u32)])?;
     }
 
-    let ipcache_raw = ipcache.read_all(opts.strategy)?;
     let endpoints_raw = endpoints.read_all(opts.strategy)?;
+    // With the version known, the ipcache is decoded as it is read; else its entries are
+    // evidence for the layout and are read whole first.
+    let ipcache_raw = if opts.version.is_some() { None } else { Some(ipcache.read_all(opts.strategy)?) };
 
     let layout = match opts.version {
         Some(v) => {
@@ -210,7 +212,7 @@ pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> 
             ipcache_value_size: ipcache.meta.value_size,
             ipcache_flags: ipcache.meta.flags,
             endpoints_flags: endpoints.meta.flags,
-            ipcache_entries: ipcache_raw.iter(),
+            ipcache_entries: ipcache_raw.iter().flat_map(RawEntries::iter),
             endpoint_entries: endpoints_raw.iter(),
         })?,
     };
@@ -224,11 +226,14 @@ pub fn read_maps(opts: &ReadOptions) -> Result<DatapathSnapshot, DatapathError> 
         // not part of the datapath any more.
         _ => None,
     };
+    let decode_ipcache = |k: &[u8], v: &[u8]| ipcache::decode(l, k, v);
+    let ipcache = match &ipcache_raw {
+        Some(raw) => decode_map(ipcache.meta, raw, opts.include_raw, decode_ipcache),
+        None => read_decoded(&ipcache, opts.strategy, opts.include_raw, decode_ipcache)?,
+    };
     Ok(DatapathSnapshot {
         bpffs: opts.bpffs.clone(),
-        ipcache: decode_map(ipcache.meta, &ipcache_raw, opts.include_raw, |k, v| {
-            ipcache::decode(l, k, v)
-        }),
+        ipcache,
         endpoints: decode_map(endpoints.meta, &endpoints_raw, opts.include_raw, |k, v| {
             endpoints::decode(l, k, v)
         }),
@@ -310,39 +315,57 @@ fn check_shape(map: &PinnedMap, supported: &[(u32, u32)]) -> Result<(), Datapath
     })
 }
 
-fn decode_map<T>(
-    meta: MapMeta,
-    raw: &RawEntries,
-    include_raw: bool,
-    decode: impl Fn(&[u8], &[u8]) -> Result<T, DecodeError>,
-) -> MapDump<T> {
-    let mut entries = Vec::with_capacity(raw.len());
-    let mut undecodable = Vec::new();
-    for (k, v) in raw.iter() {
-        match decode(k, v) {
-            Ok(e) => entries.push(e),
-            Err(reason) => undecodable.push(UndecodableEntry {
-                key: hex::encode(k),
-                value: hex::encode(v),
-                reason: reason.to_string(),
-            }),
+fn decode_map<T>(meta: MapMeta, raw: &RawEntries, include_raw: bool, decode: impl Fn(&[u8], &[u8]) -> Result<T, DecodeError>) -> MapDump<T> {
+    let mut d = Decoding::new(include_raw, raw.len());
+    d.add(raw, &decode);
+    d.finish(meta, raw.method)
+}
+
+/// Reads `map` and decodes its entries as they are read: the raw map (18 MB for a 500k-entry
+/// ipcache) is never held whole beside the decoded one.
+fn read_decoded<T>(map: &PinnedMap, strategy: ReadStrategy, include_raw: bool, decode: impl Fn(&[u8], &[u8]) -> Result<T, DecodeError>) -> Result<MapDump<T>, DatapathError> {
+    let mut d = Decoding::new(include_raw, 0);
+    let method = map.read_each(strategy, &mut |part| d.add(part, &decode))?;
+    // (The vector grew by doubling.)
+    d.entries.shrink_to_fit();
+    Ok(d.finish(map.meta.clone(), method))
+}
+
+/// A map's entries being decoded.
+struct Decoding<T> {
+    entries: Vec<T>,
+    undecodable: Vec<UndecodableEntry>,
+    raw: Option<Vec<RawEntry>>,
+    count: usize,
+}
+
+impl<T> Decoding<T> {
+    fn new(include_raw: bool, capacity: usize) -> Self {
+        Decoding { entries: Vec::with_capacity(capacity), undecodable: Vec::new(), raw: include_raw.then(Vec::new), count: 0 }
+    }
+
+    fn add(&mut self, part: &RawEntries, decode: &impl Fn(&[u8], &[u8]) -> Result<T, DecodeError>) {
+        self.count += part.len();
+        for (k, v) in part.iter() {
+            match decode(k, v) {
+                Ok(e) => self.entries.push(e),
+                Err(reason) => self.undecodable.push(UndecodableEntry { key: hex::encode(k), value: hex::encode(v), reason: reason.to_string() }),
+            }
+        }
+        if let Some(raw) = self.raw.as_mut() {
+            raw.extend(part.iter().map(|(k, v)| RawEntry { key: hex::encode(k), value: hex::encode(v) }));
         }
     }
-    let entry_count = raw.len();
-    MapDump {
-        fill_ratio: entry_count as f64 / f64::from(meta.max_entries.max(1)),
-        entry_count,
-        read_method: raw.method,
-        entries,
-        undecodable,
-        raw: include_raw.then(|| {
-            raw.iter()
-                .map(|(k, v)| RawEntry {
-                    key: hex::encode(k),
-                    value: hex::encode(v),
-                })
-                .collect()
-        }),
-        meta,
+
+    fn finish(self, meta: MapMeta, read_method: ReadMethod) -> MapDump<T> {
+        MapDump {
+            fill_ratio: self.count as f64 / f64::from(meta.max_entries.max(1)),
+            entry_count: self.count,
+            read_method,
+            entries: self.entries,
+            undecodable: self.undecodable,
+            raw: self.raw,
+            meta,
+        }
     }
 }
