@@ -204,7 +204,7 @@ fn events_older_than_a_relist_are_not_reapplied() {
         etcd.put_all(&[("cilium/state/ip/v1/default/10.6.10.2".into(), ip_value("10.6.10.2", 403))]).unwrap();
         let next = next_with_timeout(&mut w).await;
         assert_eq!(next.changes.iter().map(Change::key).collect::<Vec<_>>(), ["cilium/state/ip/v1/default/10.6.10.2"], "{:?}", next.changes);
-        assert!(String::from_utf8_lossy(&w.mirror().keys[&key].value).contains("402"));
+        assert!(String::from_utf8_lossy(&w.mirror().keys[key.as_str()].value).contains("402"));
     });
 }
 

@@ -83,8 +83,8 @@ impl Finding {
         self
     }
 
-    fn keys(mut self, keys: impl IntoIterator<Item = String>) -> Self {
-        self.kvstore_keys.extend(keys);
+    fn keys<K: AsRef<str>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.kvstore_keys.extend(keys.into_iter().map(|k| k.as_ref().to_owned()));
         self
     }
 
@@ -300,7 +300,7 @@ fn remote_clusters(obs: &Observed<'_>, used: &IdentityUsers, out: &mut Vec<Findi
             out.push(f);
         }
         for bad in &r.rejected {
-            out.push(Finding::new(FindingKind::KvstoreMalformed, &bad.meta.key, format!("{}: {}", bad.meta.key, bad.reason)).kvstore(bad).keys([bad.meta.key.clone()]));
+            out.push(Finding::new(FindingKind::KvstoreMalformed, &*bad.meta.key, format!("{}: {}", bad.meta.key, bad.reason)).kvstore(bad).keys([bad.meta.key.clone()]));
         }
     }
     // Remote pods whose identity is not their cluster's: Cilium v1.17+ drops them, v1.16 keeps them.
@@ -555,9 +555,9 @@ impl<'a> KvIndex<'a> {
     fn value(&self, key: &str) -> Option<Value> {
         let index = self.by_key.get_or_init(|| {
             let remotes = self.kv.mesh.iter().flat_map(|m| m.remotes.iter());
-            let nodes = self.kv.nodes.iter().chain(remotes.clone().flat_map(|r| r.nodes.iter())).map(|n| (n.meta.key.as_str(), KvValue::Node(n)));
+            let nodes = self.kv.nodes.iter().chain(remotes.clone().flat_map(|r| r.nodes.iter())).map(|n| (n.meta.key.as_ref(), KvValue::Node(n)));
             let ips = self.kv.ips.iter().chain(remotes.flat_map(|r| r.ips.iter()));
-            nodes.chain(ips.map(|e| (e.meta.key.as_str(), KvValue::Ip(e)))).collect()
+            nodes.chain(ips.map(|e| (e.meta.key.as_ref(), KvValue::Ip(e)))).collect()
         });
         match index.get(key)? {
             KvValue::Node(n) => serde_json::to_value(n).ok(),
@@ -660,7 +660,7 @@ fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out
         let key = kv.origin.identity_reference(id);
         let (n, prefixes) = used.by_id.get(&id).cloned().unwrap_or_default();
         // The objects (or keys) that give the identity to a pod IP.
-        let owners: BTreeSet<&str> = kv.ips.iter().filter(|e| e.identity == id).map(|e| e.meta.key.as_str()).take(IDENTITY_EVIDENCE_PREFIXES).collect();
+        let owners: BTreeSet<&str> = kv.ips.iter().filter(|e| e.identity == id).map(|e| e.meta.key.as_ref()).take(IDENTITY_EVIDENCE_PREFIXES).collect();
         let local = local_ids.contains(&id);
         let users = match (local, n) {
             (true, 0) => "a local endpoint".to_owned(),
@@ -686,7 +686,7 @@ fn identities(exp: &ExpectedState, obs: &Observed<'_>, used: &IdentityUsers, out
             out.push(
                 Finding::new(FindingKind::IdentityReferenceMissing, id.to_string(), format!("a local endpoint uses identity {id} but this node holds no reference key {key}"))
                     .kvstore(json!({"key": key, "value": null, "identity": ident, "revision": kv.revision}))
-                    .keys([key, ident.meta.key.clone()]),
+                    .keys([key, ident.meta.key.to_string()]),
             );
         }
     }
@@ -816,7 +816,7 @@ fn kvstore_health(obs: &Observed<'_>, out: &mut Vec<Finding>) {
     let kv = obs.kvstore;
     for m in &kv.malformed {
         out.push(
-            Finding::new(FindingKind::KvstoreMalformed, &m.meta.key, format!("{}: {}", m.meta.key, m.reason))
+            Finding::new(FindingKind::KvstoreMalformed, &*m.meta.key, format!("{}: {}", m.meta.key, m.reason))
                 .kvstore(m)
                 .keys([m.meta.key.clone()]),
         );

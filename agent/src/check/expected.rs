@@ -47,7 +47,7 @@ pub struct Expectation {
     /// The rule that produced it, e.g. `remote pod (ip/v1)`.
     pub rule: &'static str,
     /// The kvstore key (or Kubernetes object) behind it, if one.
-    pub kvstore_key: Option<String>,
+    pub kvstore_key: Option<std::sync::Arc<str>>,
     /// The ClusterMesh remote cluster it comes from (`None`: this node's own cluster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
@@ -184,7 +184,7 @@ pub struct ExpectedState {
     /// Why the identities are not checked against `identities/v1/id/` (they live elsewhere).
     pub identities_not_checked: Option<String>,
     /// Prefixes two clusters announce (ClusterMesh): each side's cluster (`None`: local) and key.
-    pub overlaps: BTreeMap<IpNet, Vec<(Option<String>, Option<String>)>>,
+    pub overlaps: BTreeMap<IpNet, Vec<(Option<String>, Option<std::sync::Arc<str>>)>>,
 }
 
 /// Whether the identities the datapath uses can be checked: where Cilium allocates them in the
@@ -348,8 +348,8 @@ fn derive_in<'a>(snap: &KvstoreSnapshot, ips: impl Iterator<Item = &'a IpEntry>,
     let mut tunnel_map = BTreeMap::new();
     let others = snap.nodes.iter().filter(|n| !(n.name == ctx.node_name && n.cluster == ctx.cluster));
     // Nodes deleted within Cilium's hold-off: their entries may still be there (or already gone).
-    let present: HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_str()).collect();
-    let held = snap.held_nodes.iter().filter(|h| !present.contains(h.node.meta.key.as_str())).map(|h| &h.node);
+    let present: HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_ref()).collect();
+    let held = snap.held_nodes.iter().filter(|h| !present.contains(h.node.meta.key.as_ref())).map(|h| &h.node);
     for (n, required) in others.map(|n| (n, true)).chain(held.map(|n| (n, false))) {
         let r = RemoteNode::new(n, ctx, required);
         remote_node_addresses(&mut b, ctx, &r, &remote_node_ids);
@@ -669,7 +669,7 @@ fn remote_tunnel_entries(tunnel_map: &mut BTreeMap<IpAddr, ExpectedTunnel>, r: &
     let n = r.node;
     let Some(endpoint) = n.node_ip(true) else { return };
     for c in [n.ipv4_alloc_cidr, n.ipv6_alloc_cidr].into_iter().flatten() {
-        let t = ExpectedTunnel { endpoint, encrypt_keys: set([0, n.encryption_key]), node_key: n.meta.key.clone(), required: r.required };
+        let t = ExpectedTunnel { endpoint, encrypt_keys: set([0, n.encryption_key]), node_key: n.meta.key.to_string(), required: r.required };
         // A present node's entry wins over a deleted one's for the same CIDR.
         match tunnel_map.get(&c.network()) {
             Some(existing) if existing.required && !r.required => {}

@@ -62,7 +62,7 @@ impl IpIndex {
 /// The key at position `p` (none past the end: a slot left by a swap-remove is found by
 /// position, not key).
 fn key_at(ips: &[IpEntry], p: u32) -> &str {
-    ips.get(p as usize).map_or("", |e| e.meta.key.as_str())
+    ips.get(p as usize).map_or("", |e| e.meta.key.as_ref())
 }
 
 #[cfg(test)]

@@ -261,7 +261,7 @@ impl LiveCheck {
     /// The held node entry of a CiliumNode object (other objects never have one: no scan of
     /// the nodes for each of the many CiliumEndpoint changes).
     fn node_at(&self, object: &str) -> Option<usize> {
-        object.starts_with("CiliumNode ").then(|| self.reading.kvstore.nodes.iter().position(|n| n.meta.key == object)).flatten()
+        object.starts_with("CiliumNode ").then(|| self.reading.kvstore.nodes.iter().position(|n| &*n.meta.key == object)).flatten()
     }
 
     fn remove_object(&mut self, object: &str) {
@@ -496,7 +496,7 @@ impl LiveCheck {
 
     /// A remote node's key was deleted at `revision`: Cilium keeps its entries for the hold-off.
     fn hold_deleted_node(&mut self, key: &str, revision: i64) {
-        let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key) else { return };
+        let Some(n) = self.reading.kvstore.nodes.iter().find(|n| &*n.meta.key == key) else { return };
         if self.hold_off.is_zero() || (n.name == self.node_name && n.cluster == self.cluster) {
             return;
         }
@@ -529,7 +529,7 @@ impl LiveCheck {
             }
             self.remove_key(key);
             if let Change::Put { key, value, mod_revision, lease } = c {
-                let meta = KvMeta { key: key.clone(), mod_revision: *mod_revision, lease: *lease };
+                let meta = KvMeta { key: key.clone().into(), mod_revision: *mod_revision, lease: *lease };
                 let snap = &mut self.reading.kvstore;
                 let before = snap.ips.len();
                 reader::decode_raw_into(snap, std::iter::once((meta, value.as_bytes())), None);
@@ -557,7 +557,7 @@ impl LiveCheck {
                 self.touched.insert(e.prefix);
             }
         } else if key.starts_with(NODES_PREFIX) {
-            let Some(n) = self.reading.kvstore.nodes.iter().find(|n| n.meta.key == key).cloned() else { return };
+            let Some(n) = self.reading.kvstore.nodes.iter().find(|n| &*n.meta.key == key).cloned() else { return };
             self.touch_node(&n);
         }
     }
@@ -568,7 +568,7 @@ impl LiveCheck {
                 self.hosted.remove(key);
                 self.swap_remove_ip(i);
             }
-            self.reading.kvstore.malformed.retain(|m| m.meta.key != key);
+            self.reading.kvstore.malformed.retain(|m| &*m.meta.key != key);
         } else {
             self.reading.kvstore.remove_key(key);
         }
@@ -641,7 +641,7 @@ impl LiveCheck {
             self.merge_ipcache_changes();
             let kv = &self.reading.kvstore;
             self.hosts = expected::node_addresses(kv, &ctx);
-            self.hosted = kv.ips.iter().filter(|e| e.host_ip.is_some_and(|h| self.hosts.contains(&h))).map(|e| Box::from(e.meta.key.as_str())).collect();
+            self.hosted = kv.ips.iter().filter(|e| e.host_ip.is_some_and(|h| self.hosts.contains(&h))).map(|e| Box::from(e.meta.key.as_ref())).collect();
             let (findings, _) = run::evaluate(&ctx, &self.reading);
             Recheck { findings, scope: Scope::Full }
         } else {

@@ -27,7 +27,7 @@ use crate::kvstore::values::{IdentityEntry, IdentityReference, IpEntry, KvMeta, 
 use crate::model::version::Layout;
 
 fn meta(key: String) -> KvMeta {
-    KvMeta { key, mod_revision: 1, lease: 0 }
+    KvMeta { key: key.into(), mod_revision: 1, lease: 0 }
 }
 
 fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -330,21 +330,21 @@ fn changes_between(a: &World, b: &World) -> (Vec<DatapathChange>, Vec<Change>) {
             undecodable: false,
         });
     }
-    let by_key = |w: &World| -> BTreeMap<String, IpEntry> { w.kv.ips.iter().map(|e| (e.meta.key.clone(), e.clone())).collect() };
+    let by_key = |w: &World| -> BTreeMap<std::sync::Arc<str>, IpEntry> { w.kv.ips.iter().map(|e| (e.meta.key.clone(), e.clone())).collect() };
     let (old, new) = (by_key(a), by_key(b));
     let mut kv = Vec::new();
     for (k, e) in &new {
         if old.get(k).map(|o| (o.identity, o.host_ip)) != Some((e.identity, e.host_ip)) {
             let host = e.host_ip.map(|h| h.to_string()).unwrap_or_default();
             let value = format!(r#"{{"IP":"{}","Mask":null,"HostIP":"{host}","ID":{},"Key":0}}"#, e.prefix.addr(), e.identity);
-            kv.push(Change::Put { key: k.clone(), value, mod_revision: 11, lease: 0 });
+            kv.push(Change::Put { key: k.to_string(), value, mod_revision: 11, lease: 0 });
         }
     }
     for k in old.keys().filter(|k| !new.contains_key(*k)) {
-        kv.push(Change::Delete { key: k.clone(), mod_revision: 11 });
+        kv.push(Change::Delete { key: k.to_string(), mod_revision: 11 });
     }
     for (_, i) in a.kv.identities.iter().filter(|(id, _)| !b.kv.identities.contains_key(*id)) {
-        kv.push(Change::Delete { key: i.meta.key.clone(), mod_revision: 11 });
+        kv.push(Change::Delete { key: i.meta.key.to_string(), mod_revision: 11 });
     }
     (dp, kv)
 }
@@ -396,7 +396,7 @@ fn rechecks_agree(w: World, ms: &[Mutation], objects: bool) -> Result<(), TestCa
         known.extend(ids(&r.findings));
         prop_assert_eq!(&known, &ids(&findings(&next)), "after {:?} (scope {:?})", m, r.scope);
         // The entries are held once each, as the last change gave them.
-        let entries = |ips: &[IpEntry]| -> Vec<(String, IpNet, u32)> {
+        let entries = |ips: &[IpEntry]| -> Vec<(std::sync::Arc<str>, IpNet, u32)> {
             let mut v: Vec<_> = ips.iter().map(|e| (e.meta.key.clone(), e.prefix, e.identity)).collect();
             v.sort();
             v
@@ -487,7 +487,7 @@ fn identities_of_other_clusters_and_reserved_ones_are_not_required() {
 fn as_objects(mut w: World) -> World {
     for e in &mut w.kv.ips {
         let node = e.host_ip.map(|h| h.to_string()).unwrap_or_default();
-        e.meta.key = format!("CiliumEndpoint default/p-{} (CiliumEndpointSlice ces-{node})", e.prefix.addr());
+        e.meta.key = format!("CiliumEndpoint default/p-{} (CiliumEndpointSlice ces-{node})", e.prefix.addr()).into();
     }
     w
 }

@@ -208,7 +208,7 @@ impl RemoteCluster {
             let raw = std::mem::take(&mut m.key);
             let reference = remote_reference(&self.name, &raw);
             if raw.starts_with("cilium/synced/") {
-                self.canaries.insert(raw);
+                self.canaries.insert(raw.to_string());
                 continue;
             }
             // Decode as the state prefix Cilium's types expect, then name it by reference.
@@ -221,9 +221,9 @@ impl RemoteCluster {
             } else {
                 continue;
             };
-            m.key = state_key;
+            m.key = state_key.into();
             let named = |mut meta: KvMeta| {
-                meta.key = reference.clone();
+                meta.key = reference.clone().into();
                 meta
             };
             match kind {
@@ -432,8 +432,8 @@ mod tests {
         ];
         r.decode(&local, kvs.into_iter());
         assert_eq!(r.nodes.len(), 1);
-        assert_eq!(r.nodes[0].meta.key, "cluster2:cilium/state/nodes/v1/cluster2/c2-node1");
-        assert_eq!(r.ips[0].meta.key, "cluster2:cilium/state/ip/v1/default/10.7.1.20");
+        assert_eq!(r.nodes[0].meta.key, "cluster2:cilium/state/nodes/v1/cluster2/c2-node1".into());
+        assert_eq!(r.ips[0].meta.key, "cluster2:cilium/state/ip/v1/default/10.7.1.20".into());
         assert!(r.rejected[0].reason.contains("ClusterID 5"));
         assert!(r.identities.contains_key(&131328));
         assert!(r.invalid_identities[&131329].1.contains("lacks the label"));

@@ -164,7 +164,7 @@ impl RemoteWatch {
                 self.reconnects = w.streams_opened;
                 let cfg_key = format!("{CLUSTER_CONFIG_PREFIX}{}", self.file.name);
                 if batch.changes.iter().any(|c| c.key() == cfg_key) {
-                    let now = self.watcher.as_ref().and_then(|w| w.mirror().keys.get(&cfg_key)).and_then(|v| config::parse(&v.value).ok());
+                    let now = self.watcher.as_ref().and_then(|w| w.mirror().keys.get(cfg_key.as_str())).and_then(|v| config::parse(&v.value).ok());
                     if now != self.config {
                         // Cilium drains the cluster and watches it anew under the new config.
                         tracing::info!(event = "clustermesh-config-changed", cluster = %self.file.name, "remote cluster-config changed: re-reading the cluster");

@@ -39,7 +39,7 @@ pub fn object_of(key: &str) -> &str {
 fn meta_of(kind: &str, m: &ObjectMeta) -> KvMeta {
     let name = m.name.as_deref().unwrap_or_default();
     KvMeta {
-        key: object_ref(kind, m.namespace.as_deref(), name),
+        key: object_ref(kind, m.namespace.as_deref(), name).into(),
         // resourceVersion is opaque to clients; every kube-apiserver serves etcd's revision.
         mod_revision: m.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
         lease: 0,
@@ -73,7 +73,7 @@ pub fn decode_endpoint_slice(ces: &CiliumEndpointSlice, snap: &mut KvstoreSnapsh
     let ns = ces.namespace.as_deref();
     for ep in ces.endpoints.iter().flatten() {
         let CoreCiliumEndpoint { name, id, networking, encryption } = ep;
-        let meta = KvMeta { key: format!("{} ({})", object_ref("CiliumEndpoint", ns, name), slice.key), ..slice.clone() };
+        let meta = KvMeta { key: format!("{} ({})", object_ref("CiliumEndpoint", ns, name), slice.key).into(), ..slice.clone() };
         let identity = u32::try_from(id.unwrap_or(0)).ok();
         let key = encryption.as_ref().and_then(|e| e.key).unwrap_or(0);
         push_addresses(snap, meta, networking.as_ref(), identity, key, ns, name);
@@ -220,14 +220,14 @@ mod tests {
         }
         assert!(snap.malformed.is_empty(), "{:?}", snap.malformed);
         let ip = &snap.ips[0];
-        assert_eq!((ip.meta.key.as_str(), ip.prefix.to_string(), ip.host_ip, ip.identity, ip.encrypt_key), ("CiliumEndpoint default/pod-a", "10.6.1.124/32".into(), "10.5.1.132".parse().ok(), 25143, 0));
+        assert_eq!((ip.meta.key.as_ref(), ip.prefix.to_string(), ip.host_ip, ip.identity, ip.encrypt_key), ("CiliumEndpoint default/pod-a", "10.6.1.124/32".into(), "10.5.1.132".parse().ok(), 25143, 0));
         assert_eq!(ip.meta.mod_revision, 155);
         let n = &snap.nodes[0];
         assert_eq!((n.name.as_str(), n.node_ip(true), n.ipv4_alloc_cidr), ("k8s-node1", "10.5.1.132".parse().ok(), "10.6.1.0/24".parse().ok()));
         assert_eq!(n.address_of("CiliumInternalIP", true), "10.6.1.89".parse().ok());
         let i = &snap.identities[&25143];
         assert!(i.labels.starts_with("k8s:app=foo;k8s:io.cilium.k8s.namespace.labels"), "{}", i.labels);
-        assert_eq!(i.meta.key, "CiliumIdentity 25143");
+        assert_eq!(i.meta.key, "CiliumIdentity 25143".into());
     }
 
     /// CiliumEndpointSlices the real cilium-operator 1.16.15 batched from the CEPs (pod-a, the
@@ -239,7 +239,7 @@ mod tests {
             decode_endpoint_slice(&ces, &mut snap);
         }
         assert!(snap.malformed.is_empty(), "{:?}", snap.malformed);
-        let got: Vec<_> = snap.ips.iter().map(|e| (e.meta.key.as_str(), e.prefix.to_string(), e.host_ip, e.identity, e.meta.mod_revision)).collect();
+        let got: Vec<_> = snap.ips.iter().map(|e| (e.meta.key.as_ref(), e.prefix.to_string(), e.host_ip, e.identity, e.meta.mod_revision)).collect();
         assert_eq!(
             got,
             [
@@ -262,12 +262,12 @@ mod tests {
         assert_eq!(snap.ips.iter().map(|e| (e.prefix.to_string(), e.identity)).collect::<Vec<_>>(), [("10.0.0.1/32".into(), 3), ("fd00::1/128".into(), 3)]);
         // Bad addresses are malformed, with the object named.
         decode_endpoint(&cep(serde_json::json!({"networking": {"addressing": [{"ipv4": "10.0.0.300"}], "node": "nope"}})), &mut snap);
-        assert_eq!(snap.malformed[0].meta.key, "CiliumEndpoint ns/p");
+        assert_eq!(snap.malformed[0].meta.key, "CiliumEndpoint ns/p".into());
         // A slice's endpoint without an id has identity 0.
         let ces: CiliumEndpointSlice = serde_json::from_value(serde_json::json!({"metadata": {"name": "ces-1"}, "namespace": "ns", "endpoints": [{"name": "q", "networking": {"addressing": [{"ipv4": "10.0.0.2"}], "node": "192.168.0.1"}}]})).expect("CES");
         decode_endpoint_slice(&ces, &mut snap);
         let e = snap.ips.last().expect("slice entry");
-        assert_eq!((e.identity, e.meta.key.as_str()), (0, "CiliumEndpoint ns/q (CiliumEndpointSlice ces-1)"));
+        assert_eq!((e.identity, e.meta.key.as_ref()), (0, "CiliumEndpoint ns/q (CiliumEndpointSlice ces-1)"));
         // Unknown fields and a node without spec decode.
         let cn: CiliumNode = serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "future": 1})).expect("node");
         decode_node(&cn, "c", 3, &mut snap);

@@ -53,10 +53,10 @@ pub async fn recent_node_deletes(
     let start = points.iter().filter(|(_, t, _)| *t <= now - hold).map(|(r, _, _)| r + 1).max();
     let start = start.unwrap_or((snap.revision - UNBOUNDED_WINDOW).max(1));
     let deletes = node_deletes(etcd, start, snap.revision).await?;
-    let present: std::collections::HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_str()).collect();
+    let present: std::collections::HashSet<&str> = snap.nodes.iter().map(|n| n.meta.key.as_ref()).collect();
     let mut out = Vec::new();
     for (rev, node) in deletes {
-        if present.contains(node.meta.key.as_str()) {
+        if present.contains(node.meta.key.as_ref()) {
             continue;
         }
         let after = beats.iter().filter(|(r, _, _)| *r < rev).max_by_key(|(r, _, _)| *r).map(|(_, t, _)| *t);
@@ -109,7 +109,7 @@ async fn node_deletes(etcd: &Etcd, from: i64, to: i64) -> Result<Vec<(i64, NodeE
             }
             EventType::Delete => {
                 let Some(prev) = ev.prev_kv() else { return };
-                let meta = KvMeta { key: key.clone(), mod_revision: prev.mod_revision(), lease: prev.lease() };
+                let meta = KvMeta { key: key.clone().into(), mod_revision: prev.mod_revision(), lease: prev.lease() };
                 if let Ok(node) = values::decode_node(meta, prev.value()) {
                     last.insert(key, (kv.mod_revision(), node));
                 }

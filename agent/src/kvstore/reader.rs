@@ -1,6 +1,7 @@
 //! Paged, serializable range reads pinned to one revision, decoded into a kvstore snapshot.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use etcd_client::GetOptions;
 use serde::Serialize;
@@ -126,18 +127,18 @@ impl KvstoreSnapshot {
     pub fn remove_key(&mut self, key: &str) {
         // Only the list the key's prefix decodes into (the ip/v1 one may hold 100k entries).
         if key.starts_with(values::NODES_PREFIX) {
-            self.nodes.retain(|n| n.meta.key != key);
+            self.nodes.retain(|n| &*n.meta.key != key);
         } else if key.starts_with(values::IP_PREFIX) {
-            self.ips.retain(|e| e.meta.key != key);
+            self.ips.retain(|e| &*e.meta.key != key);
         } else if key.starts_with(values::IDENTITY_ID_PREFIX) {
-            self.identities.retain(|_, i| i.meta.key != key);
+            self.identities.retain(|_, i| &*i.meta.key != key);
         } else if key.starts_with(values::IDENTITY_VALUE_PREFIX) {
-            self.identity_references.retain(|r| r.meta.key != key);
+            self.identity_references.retain(|r| &*r.meta.key != key);
         } else {
-            self.synced.retain(|(m, _)| m.key != key);
+            self.synced.retain(|(m, _)| &*m.key != key);
         }
-        self.malformed.retain(|m| m.meta.key != key);
-        if self.heartbeat.as_ref().is_some_and(|(m, _)| m.key == key) {
+        self.malformed.retain(|m| &*m.meta.key != key);
+        if self.heartbeat.as_ref().is_some_and(|(m, _)| &*m.key == key) {
             self.heartbeat = None;
         }
     }
@@ -208,24 +209,30 @@ pub async fn list_prefix(
     Ok(revision)
 }
 
-fn meta(kv: &etcd_client::KeyValue) -> KvMeta {
-    KvMeta {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        mod_revision: kv.mod_revision(),
-        lease: kv.lease(),
-    }
+/// A listed key (etcd keys are bytes; Cilium's are UTF-8).
+pub fn key_of(kv: &etcd_client::KeyValue) -> Arc<str> {
+    String::from_utf8_lossy(kv.key()).as_ref().into()
+}
+
+fn meta(kv: &etcd_client::KeyValue, key: Arc<str>) -> KvMeta {
+    KvMeta { key, mod_revision: kv.mod_revision(), lease: kv.lease() }
 }
 
 /// Decodes listed key-values into `snap`, sorting each key to its kind by prefix.
 pub fn decode_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue]) {
-    decode_raw_into(snap, kvs.iter().map(|kv| (meta(kv), kv.value())), None);
+    decode_raw_into(snap, kvs.iter().map(|kv| (meta(kv, key_of(kv)), kv.value())), None);
+}
+
+/// [`decode_into`] with the page's keys already made (`keys[i]` is `kvs[i]`'s), shared.
+pub fn decode_keyed_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue], keys: &[Arc<str>]) {
+    decode_raw_into(snap, kvs.iter().zip(keys).map(|(kv, key)| (meta(kv, key.clone()), kv.value())), None);
 }
 
 /// [`decode_into`] over (meta, value) pairs from any source (a list or a watch mirror),
 /// keeping only what `filter` wants when one is given.
 pub fn decode_raw_into<'a>(snap: &mut KvstoreSnapshot, kvs: impl Iterator<Item = (KvMeta, &'a [u8])>, filter: Option<&NodeFilter>) {
     for (m, v) in kvs {
-        let key = m.key.as_str();
+        let key = m.key.as_ref();
         if key.starts_with(values::NODES_PREFIX) {
             snap.counts.nodes += usize::from(push(&mut snap.nodes, &mut snap.malformed, values::decode_node(m, v), |_| true));
         } else if key.starts_with(values::IP_PREFIX) {
@@ -328,7 +335,7 @@ async fn read_snapshot_filtered(etcd: &Etcd, opts: &ListOptions, node: Option<(&
                 let before = page.len();
                 let rest: Vec<&etcd_client::KeyValue> = page.iter().filter(|kv| !skipped(kv)).collect();
                 part.counts.ips += before - rest.len();
-                decode_raw_into(&mut part, rest.into_iter().map(|kv| (meta(kv), kv.value())), filter);
+                decode_raw_into(&mut part, rest.into_iter().map(|kv| (meta(kv, key_of(kv)), kv.value())), filter);
             })
             .await?;
             Ok::<_, KvstoreError>(part)

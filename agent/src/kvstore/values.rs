@@ -22,7 +22,8 @@ pub const KVSTOREMESH_CACHE_PREFIX: &str = "cilium/cache/";
 /// Where a key/value came from in etcd.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KvMeta {
-    pub key: String,
+    /// Shared (`Arc`): the expectations derived from an entry name it too.
+    pub key: std::sync::Arc<str>,
     pub mod_revision: i64,
     /// The etcd lease holding the key (0 = none).
     pub lease: i64,

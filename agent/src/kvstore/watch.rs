@@ -3,6 +3,7 @@
 //! the last revision seen.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
@@ -35,7 +36,8 @@ impl RawKv {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvstoreMirror {
     pub revision: i64,
-    pub keys: BTreeMap<String, RawKv>,
+    /// `Arc`: a snapshot decoded from the same list shares them.
+    pub keys: BTreeMap<Arc<str>, RawKv>,
 }
 
 impl KvstoreMirror {
@@ -46,18 +48,26 @@ impl KvstoreMirror {
 
     /// Lists every prefix at one revision.
     pub async fn list(etcd: &Etcd, prefixes: &[String], page_size: i64) -> Result<KvstoreMirror, KvstoreError> {
-        Self::list_pages(etcd, prefixes, page_size, true, |_| {}).await
+        Self::list_pages(etcd, prefixes, page_size, true, |_, _| {}).await
     }
 
-    /// Lists every prefix at one revision, handing each page to `on_page` as it arrives; the
-    /// mirror keeps the values only when `keep_values` (a caller that decodes the pages needs
-    /// keys and revisions only, and never allocates ~30 MB of raw values it would drop).
-    async fn list_pages(etcd: &Etcd, prefixes: &[String], page_size: i64, keep_values: bool, mut on_page: impl FnMut(&[etcd_client::KeyValue])) -> Result<KvstoreMirror, KvstoreError> {
+    /// Lists every prefix at one revision, handing each page and its keys to `on_page` as it
+    /// arrives; the mirror keeps the values only when `keep_values` (a caller that decodes the
+    /// pages needs keys and revisions only, and never allocates ~30 MB of raw values it would
+    /// drop).
+    async fn list_pages(
+        etcd: &Etcd,
+        prefixes: &[String],
+        page_size: i64,
+        keep_values: bool,
+        mut on_page: impl FnMut(&[etcd_client::KeyValue], &[Arc<str>]),
+    ) -> Result<KvstoreMirror, KvstoreError> {
         let (mut listed, mut revision) = (Vec::new(), None);
         for prefix in prefixes {
             let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page| {
-                listed.extend(page.iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), RawKv::of(kv, keep_values))));
-                on_page(page);
+                let keys: Vec<Arc<str>> = page.iter().map(|kv| reader::key_of(kv)).collect();
+                on_page(page, &keys);
+                listed.extend(keys.into_iter().zip(page).map(|(key, kv)| (key, RawKv::of(kv, keep_values))));
             })
             .await?;
             revision = Some(rev);
@@ -70,7 +80,7 @@ impl KvstoreMirror {
     /// The deletes that turn `self` into `newer` (a relist's puts are found while it lists).
     fn deletes_to(&self, newer: &KvstoreMirror) -> Vec<Change> {
         let gone = self.keys.keys().filter(|k| !newer.keys.contains_key(*k));
-        gone.map(|k| Change::Delete { key: k.clone(), mod_revision: newer.revision }).collect()
+        gone.map(|k| Change::Delete { key: k.to_string(), mod_revision: newer.revision }).collect()
     }
 }
 
@@ -167,7 +177,7 @@ impl KvstoreWatcher {
     pub async fn start_decoded(settings: EtcdSettings, etcd: Etcd, opts: ListOptions) -> Result<(KvstoreWatcher, KvstoreSnapshot), KvstoreError> {
         let prefixes = cilium_prefixes(&opts);
         let mut snap = KvstoreSnapshot::default();
-        let mirror = KvstoreMirror::list_pages(&etcd, &prefixes, opts.page_size, false, |page| reader::decode_into(&mut snap, page)).await?;
+        let mirror = KvstoreMirror::list_pages(&etcd, &prefixes, opts.page_size, false, |page, keys| reader::decode_keyed_into(&mut snap, page, keys)).await?;
         snap.revision = mirror.revision;
         // The vectors grew by doubling while decoding; the caller keeps this snapshot (measured
         // at 100k `ip/v1` entries: 19.9 MB of capacity for 15.2 MB of entries).
@@ -288,10 +298,10 @@ impl KvstoreWatcher {
                 match ev.event_type() {
                     EventType::Put => {
                         changes.push(Change::put(kv));
-                        self.mirror.keys.insert(key, RawKv::of(kv, self.keep_values));
+                        self.mirror.keys.insert(key.as_str().into(), RawKv::of(kv, self.keep_values));
                     }
                     EventType::Delete => {
-                        if self.mirror.keys.remove(&key).is_some() {
+                        if self.mirror.keys.remove(key.as_str()).is_some() {
                             changes.push(Change::Delete { key, mod_revision: kv.mod_revision() });
                         }
                     }
@@ -445,7 +455,7 @@ impl KvstoreWatcher {
         // A key's mod revision changes with every write to it: equal revisions (and leases)
         // are equal values, also when the mirror does not hold them.
         let (old, mut changes) = (&self.mirror, Vec::new());
-        let fresh = KvstoreMirror::list_pages(&self.etcd, &self.prefixes, self.opts.page_size, self.keep_values, |page| {
+        let fresh = KvstoreMirror::list_pages(&self.etcd, &self.prefixes, self.opts.page_size, self.keep_values, |page, _| {
             let changed = page.iter().filter(|kv| old.keys.get(String::from_utf8_lossy(kv.key()).as_ref()).is_none_or(|o| (o.mod_revision, o.lease) != (kv.mod_revision(), kv.lease())));
             changes.extend(changed.map(Change::put));
         })
