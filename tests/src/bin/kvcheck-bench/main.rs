@@ -248,7 +248,7 @@ fn main() -> Result<()> {
         );
         // A run without the soak (an hour) keeps the last soak's section, which says its date.
         let doc = match std::fs::read_to_string(path).ok().and_then(|old| kept_section(&old, "## Soak")) {
-            Some(soak) if !args.soak => format!("{}\n{soak}", doc.trim_end()),
+            Some(soak) if !args.soak => format!("{}\n\n{soak}", doc.trim_end()),
             _ => doc,
         };
         std::fs::write(path, doc).with_context(|| format!("writing {path}"))?;
