@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         let rest: Vec<&[u8]> = lines.collect();
         rest.chunks(2).map(|c| (c[0], c.get(1).copied().unwrap_or_default())).collect()
     };
-    remote.decode(&local, pairs.iter().map(|(k, v)| (KvMeta { key: String::from_utf8_lossy(k).into_owned(), mod_revision: 1, lease: 0 }, *v)));
+    remote.decode(&local, pairs.iter().map(|(k, v)| (KvMeta { key: String::from_utf8_lossy(k).as_ref().into(), mod_revision: 1, lease: 0 }, *v)));
     for i in remote.identities.keys().chain(remote.invalid_identities.keys()) {
         let _ = local.cluster_of(*i);
     }

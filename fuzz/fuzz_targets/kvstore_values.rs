@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),
     };
-    let meta = KvMeta { key: String::from_utf8_lossy(key).into_owned(), mod_revision: 1, lease: 0 };
+    let meta = KvMeta { key: String::from_utf8_lossy(key).as_ref().into(), mod_revision: 1, lease: 0 };
     let mut snap = KvstoreSnapshot::default();
     decode_raw_into(&mut snap, std::iter::once((meta.clone(), value)), None);
     let _ = values::valid_ip_host(&meta.key, value);
