@@ -573,6 +573,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     state.remotes_unreachable = remotes_unreachable(&l);
                     state.health = (!state.crd_mode).then(|| l.check.reading().health.clone());
                     publish_sources(&metrics, &l);
+                    // Before ready: a scrape right after /readyz sees each remote's state.
+                    publish_mesh(&metrics, &l);
                     state.last_error = None;
                     evaluate(&mut state, &mut l);
                     metrics.set_ready(true);

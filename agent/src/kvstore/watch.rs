@@ -290,7 +290,7 @@ impl KvstoreWatcher {
             let mut changes = Vec::new();
             for ev in msg.events() {
                 let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let key = reader::key_of(kv);
                 self.mirror.revision = self.mirror.revision.max(kv.mod_revision());
                 if kv.mod_revision() <= self.listed_at || !self.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
                     continue;
@@ -298,11 +298,11 @@ impl KvstoreWatcher {
                 match ev.event_type() {
                     EventType::Put => {
                         changes.push(Change::put(kv));
-                        self.mirror.keys.insert(key.as_str().into(), RawKv::of(kv, self.keep_values));
+                        self.mirror.keys.insert(key, RawKv::of(kv, self.keep_values));
                     }
                     EventType::Delete => {
-                        if self.mirror.keys.remove(key.as_str()).is_some() {
-                            changes.push(Change::Delete { key, mod_revision: kv.mod_revision() });
+                        if self.mirror.keys.remove(&*key).is_some() {
+                            changes.push(Change::Delete { key: key.to_string(), mod_revision: kv.mod_revision() });
                         }
                     }
                 }
