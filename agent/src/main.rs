@@ -443,7 +443,7 @@ async fn dump_datapath(args: &DumpDatapath) -> anyhow::Result<()> {
 async fn follow_datapath(args: &DumpDatapath, layout: kvcheck::model::version::Layout) -> anyhow::Result<()> {
     use std::io::Write as _;
     let opts = args.datapath.read_options(false);
-    let follow = datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval };
+    let follow = datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval, beside_ipcache_copy: false };
     let mut feed = datapath::events::ChangeFeed::open(&opts, layout, &follow)?;
     let how = match &feed.fallback_reason {
         None => format!("eBPF change events ({})", feed.ebpf_walk().unwrap_or("-")),
@@ -457,7 +457,7 @@ async fn follow_datapath(args: &DumpDatapath, layout: kvcheck::model::version::L
     std::io::stdout().flush()?;
     loop {
         let changes = tokio::select! {
-            c = feed.next() => c?,
+            c = feed.next(None) => c?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let mut out = std::io::stdout().lock();
@@ -588,7 +588,8 @@ fn write_json(value: &impl Serialize) -> anyhow::Result<()> {
 async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
     let opts = kvcheck::agent::AgentOptions {
         check: args.check.options()?,
-        follow: datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval },
+        // The agent's live check holds the ipcache the feed compares with.
+        follow: datapath::events::FollowOptions { ebpf: !args.no_ebpf, poll_interval: args.poll_interval, beside_ipcache_copy: true },
         grace: args.grace,
         resync: args.resync,
         health_interval: args.health_interval,

@@ -192,7 +192,39 @@ fn reopens_maps_after_cilium_recreates_them(extra: &[&str], source: &str) {
     agent.wait_for("finding-opened", Some("ipcache-stale"), Some("10.9.9.6/32"), Duration::from_secs(15));
     node.ipcache_delete("10.9.9.6/32").unwrap();
     agent.wait_for("finding-resolved", Some("ipcache-stale"), Some("10.9.9.6/32"), Duration::from_secs(10));
-    assert_eq!(agent.opened(), vec![pair("ipcache-stale", "10.9.9.6/32")]);
+    // An entry changed in place: compared with the live check's copy of the ipcache.
+    let remote = format!("{}/32", REMOTE_PODS[0].0);
+    let via_b = |identity| IpcacheValue { identity, tunnel_endpoint: Some(NODE_B_IP.parse().unwrap()), ..Default::default() };
+    node.ipcache_put(&remote, via_b(1002)).unwrap();
+    agent.wait_for("finding-opened", Some("ipcache-identity-mismatch"), Some(&remote), Duration::from_secs(15));
+    node.ipcache_put(&remote, via_b(REMOTE_PODS[0].2)).unwrap();
+    agent.wait_for("finding-resolved", Some("ipcache-identity-mismatch"), Some(&remote), Duration::from_secs(10));
+    // An entry kvcheck cannot decode (address family 9) is reported as a change once (the maps
+    // are re-read), not at every poll; so is its removal.
+    let changes = || {
+        let (_, m) = http_get(agent.port, "/metrics").unwrap();
+        m.lines().filter(|l| l.starts_with("kvcheck_change_events_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>()
+    };
+    let mut key = kvcheck_tests::encode::ipcache_key(Layout::V1_15, "10.9.9.7/32".parse().unwrap(), 0);
+    key[7] = 9;
+    let before = changes();
+    node.maps.ipcache.update(&key, &kvcheck_tests::encode::ipcache_value(Layout::V1_15, via_b(1000))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while changes() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = changes();
+    assert!(seen > before, "the undecodable entry was not seen");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(changes(), seen, "the undecodable entry was reported again");
+    node.maps.ipcache.delete(&key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while changes() == seen && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(changes() > seen, "the undecodable entry's removal was not seen");
+    assert_eq!(agent.opened(), vec![pair("ipcache-stale", "10.9.9.6/32"), pair("ipcache-identity-mismatch", &remote)]);
     let (code, metrics) = http_get(agent.port, "/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(metrics.lines().any(|l| l.starts_with("kvcheck_change_events_total{") && l.contains(&format!("source=\"{source}\""))), "{metrics}");

@@ -668,7 +668,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         tokio::time::sleep(resume.next_delay()).await;
                     }
                 },
-                changes = l.feed.next() => match changes {
+                changes = l.feed.next(Some(&l.check)) => match changes {
                     Ok(c) => {
                         tracing::debug!(event = "datapath-changes", changes = c.len(), "datapath changes");
                         metrics.change_events.get_or_create(&SourceLabel { source: l.feed.source_name().into() }).inc_by(c.len() as u64);

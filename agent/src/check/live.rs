@@ -20,7 +20,7 @@ use super::ip_index::IpIndex;
 use super::kinds::FindingKind;
 use super::run::{self, Reading};
 use crate::datapath::addresses::HostAddresses;
-use crate::datapath::events::{DatapathChange, Entry};
+use crate::datapath::events::{DatapathChange, Entry, IpcacheCopy};
 use crate::datapath::ipcache::IpcacheEntry;
 use crate::datapath::{DatapathSnapshot, MapDump};
 use crate::kvstore::values::HeldNode;
@@ -692,6 +692,18 @@ pub fn node_prefixes(n: &NodeEntry) -> Vec<IpNet> {
     let ips = n.addresses.iter().map(|a| a.ip).chain([n.ipv4_health_ip, n.ipv6_health_ip, n.ipv4_ingress_ip, n.ipv6_ingress_ip].into_iter().flatten());
     let cidrs = n.ipv4_alloc_cidr.iter().chain(&n.ipv4_secondary_alloc_cidrs).chain(&n.ipv6_alloc_cidr).chain(&n.ipv6_secondary_alloc_cidrs).map(IpNet::trunc);
     ips.map(IpNet::from).chain(cidrs).collect()
+}
+
+/// The change feed compares what it re-reads with the live check's ipcache (one copy).
+impl IpcacheCopy for LiveCheck {
+    fn entry(&self, key: &(IpNet, u16)) -> Option<&IpcacheEntry> {
+        self.ipcache_entry(key)
+    }
+
+    fn for_each_key(&self, f: &mut dyn FnMut(&(IpNet, u16))) {
+        let sorted = self.reading.datapath.ipcache.entries.iter().map(|e| (e.prefix, e.cluster_id)).filter(|k| !self.ipcache_changes.contains_key(k));
+        sorted.chain(self.ipcache_changes.iter().filter(|(_, e)| e.is_some()).map(|(k, _)| *k)).for_each(|k| f(&k));
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use serde_json::Value;
 use super::maps::{PinnedMap, ReadStrategy};
 use super::{endpoints, ipcache, tunnel, DatapathError, ReadOptions, ENDPOINTS, IPCACHE_V1, IPCACHE_V2, TUNNEL};
 use crate::model::version::Layout;
+use ipcache::IpcacheEntry;
+use ipnet::IpNet;
 
 /// Which of Cilium's maps a watched map is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -62,6 +64,18 @@ pub enum Entry {
     Ipcache(ipcache::IpcacheEntry),
     Endpoint(endpoints::EndpointEntry),
     Tunnel(tunnel::TunnelEntry),
+}
+
+/// The decoded ipcache a caller keeps in step with the feed's changes (the agent's live check
+/// applies every batch before it asks for the next): given one, the feed compares what it
+/// re-reads with it instead of with a raw mirror of its own, so the agent holds the ipcache
+/// once (a raw mirror of 500k entries is 18 MB). Undecodable entries, which the copy cannot
+/// hold, stay in the feed's mirror.
+pub trait IpcacheCopy: Sync {
+    /// The entry under `key` (prefix, cluster id).
+    fn entry(&self, key: &(IpNet, u16)) -> Option<&IpcacheEntry>;
+    /// Calls `f` with every key held.
+    fn for_each_key(&self, f: &mut dyn FnMut(&(IpNet, u16)));
 }
 
 /// Raw key → raw value, as last seen.
@@ -163,25 +177,71 @@ impl Watched {
     }
 
     /// Compares the map's current value for `key` with the mirror and updates it.
-    fn confirm(&mut self, layout: Layout, key: &[u8], source: &'static str) -> Result<Option<DatapathChange>, DatapathError> {
+    fn confirm(&mut self, layout: Layout, key: &[u8], source: &'static str, copy: Option<&dyn IpcacheCopy>) -> Result<Option<DatapathChange>, DatapathError> {
         let now = self.map.get_exact(key)?;
-        Ok(self.record(layout, key.to_vec(), now, source))
+        Ok(self.record(layout, key.to_vec(), now, source, copy))
     }
 
-    fn record(&mut self, layout: Layout, key: Vec<u8>, now: Option<Vec<u8>>, source: &'static str) -> Option<DatapathChange> {
+    fn record(&mut self, layout: Layout, key: Vec<u8>, now: Option<Vec<u8>>, source: &'static str, copy: Option<&dyn IpcacheCopy>) -> Option<DatapathChange> {
+        if let Some(copy) = copy.filter(|_| self.kind == MapKind::Ipcache) {
+            return self.record_beside(layout, &key, now.as_deref(), source, copy);
+        }
         let before = self.mirror.get(&key).map(<[u8]>::to_vec);
         if before == now {
             return None;
         }
-        let op = match (&before, &now) {
+        let old = before.as_ref().map(|v| self.decode(layout, &key, v));
+        let new = now.as_ref().map(|v| self.decode(layout, &key, v));
+        self.mirror.set(&key, now.as_deref());
+        Some(self.change(old, new, source))
+    }
+
+    /// [`Self::record`] for an ipcache whose decoded copy the caller holds: compared decoded
+    /// (bytes Cilium does not use cannot make a change); only undecodable entries are mirrored.
+    fn record_beside(&mut self, layout: Layout, key: &[u8], now: Option<&[u8]>, source: &'static str, copy: &dyn IpcacheCopy) -> Option<DatapathChange> {
+        let held = ipcache::decode_key(layout, key).ok().and_then(|at| copy.entry(&at));
+        let raw_before = self.mirror.get(key);
+        let now_entry = now.map(|v| ipcache::decode(layout, key, v));
+        let unchanged = match (&now_entry, now) {
+            (None, _) => held.is_none() && raw_before.is_none(),
+            (Some(Ok(e)), _) => held == Some(e) && raw_before.is_none(),
+            (Some(Err(_)), v) => raw_before == v,
+        };
+        if unchanged {
+            return None;
+        }
+        let old = match (held, raw_before) {
+            (Some(e), _) => Some(Self::decoded_ipcache(e.clone())),
+            (None, Some(v)) => Some(self.decode(layout, key, v)),
+            (None, None) => None,
+        };
+        let new = match now_entry {
+            Some(Ok(e)) => Some(Self::decoded_ipcache(e)),
+            Some(Err(_)) => now.map(|v| self.decode(layout, key, v)),
+            None => None,
+        };
+        let undecodable_now = new.as_ref().is_some_and(|(_, _, e)| e.is_none());
+        if undecodable_now || old.as_ref().is_some_and(|(_, _, e)| e.is_none()) {
+            self.mirror.set(key, now.filter(|_| undecodable_now));
+        }
+        Some(self.change(old, new, source))
+    }
+
+    fn decoded_ipcache(e: IpcacheEntry) -> Decoded {
+        (e.prefix.to_string(), serde_json::to_value(&e).ok(), Some(Entry::Ipcache(e)))
+    }
+
+    /// The change from `old` to `new` (`None` = absent).
+    fn change(&self, old: Option<Decoded>, new: Option<Decoded>, source: &'static str) -> DatapathChange {
+        let op = match (&old, &new) {
             (None, Some(_)) => Op::Added,
             (Some(_), Some(_)) => Op::Updated,
             _ => Op::Removed,
         };
-        let (subject, old, old_entry) = before.as_ref().map_or((String::new(), None, None), |v| self.decode(layout, &key, v));
-        let (subject2, new, new_entry) = now.as_ref().map_or((String::new(), None, None), |v| self.decode(layout, &key, v));
-        self.mirror.set(&key, now.as_deref());
-        Some(DatapathChange {
+        let undecodable = [&old, &new].iter().any(|d| d.as_ref().is_some_and(|(_, _, e)| e.is_none()));
+        let (subject, old, old_entry) = old.unwrap_or_default();
+        let (subject2, new, new_entry) = new.unwrap_or_default();
+        DatapathChange {
             map: self.map.meta.name.clone(),
             kind: self.kind,
             op,
@@ -190,25 +250,42 @@ impl Watched {
             new,
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             source,
-            undecodable: (before.is_some() && old_entry.is_none()) || (now.is_some() && new_entry.is_none()),
+            undecodable,
             old_entry,
             new_entry,
-        })
+        }
     }
 
     /// Re-reads the whole map and reports every difference from the mirror.
-    fn resync(&mut self, layout: Layout, source: &'static str) -> Result<Vec<DatapathChange>, DatapathError> {
+    fn resync(&mut self, layout: Layout, source: &'static str, copy: Option<&dyn IpcacheCopy>) -> Result<Vec<DatapathChange>, DatapathError> {
         // Nothing per key is allocated but the changes: a poll every 500 ms and a burst's
         // re-read of a 500k-entry ipcache would otherwise build sets of every key.
+        let copy = copy.filter(|_| self.kind == MapKind::Ipcache);
         let raw = self.map.read_all(ReadStrategy::BatchWithFallback)?;
         let mut held = 0;
         self.mirror.for_each_key(&mut |_| held += 1);
+        if let Some(c) = copy {
+            c.for_each_key(&mut |_| held += 1);
+        }
         let (mut out, mut found) = (Vec::new(), 0);
         for (k, v) in raw.iter() {
             let before = self.mirror.get(k);
-            found += usize::from(before.is_some());
-            if before != Some(v) {
-                out.extend(self.record(layout, k.to_vec(), Some(v.to_vec()), source));
+            let same = match copy {
+                None => {
+                    found += usize::from(before.is_some());
+                    before == Some(v)
+                }
+                Some(c) => {
+                    let held = ipcache::decode_key(layout, k).ok().and_then(|at| c.entry(&at));
+                    found += usize::from(held.is_some() || before.is_some());
+                    match ipcache::decode(layout, k, v) {
+                        Ok(e) => held == Some(&e) && before.is_none(),
+                        Err(_) => before == Some(v),
+                    }
+                }
+            };
+            if !same {
+                out.extend(self.record(layout, k.to_vec(), Some(v.to_vec()), source, copy));
             }
         }
         if found != held {
@@ -223,7 +300,19 @@ impl Watched {
                 }
             });
             for k in gone {
-                out.extend(self.record(layout, k, None, source));
+                // Mirrored (without a copy: every entry; beside one: the undecodable ones).
+                out.extend(self.record(layout, k, None, source, None));
+            }
+            if let Some(c) = copy {
+                let mut present: Vec<(IpNet, u16)> = present.iter().filter_map(|k| ipcache::decode_key(layout, k).ok()).collect();
+                present.sort_unstable();
+                let mut gone = Vec::new();
+                c.for_each_key(&mut |k| {
+                    if present.binary_search(k).is_err() {
+                        gone.extend(c.entry(k).cloned());
+                    }
+                });
+                out.extend(gone.into_iter().map(|e| self.change(Some(Self::decoded_ipcache(e)), None, source)));
             }
         }
         Ok(out)
@@ -252,6 +341,9 @@ pub struct FollowOptions {
     /// Use the eBPF program when it can run (else poll).
     pub ebpf: bool,
     pub poll_interval: Duration,
+    /// The caller keeps a decoded copy of the ipcache and hands it to every
+    /// [`ChangeFeed::next`] ([`IpcacheCopy`]): the feed does not mirror the ipcache itself.
+    pub beside_ipcache_copy: bool,
 }
 
 impl ChangeFeed {
@@ -287,7 +379,7 @@ impl ChangeFeed {
         } else {
             (Source::Poll(follow.poll_interval), Some("eBPF change events switched off".to_owned()))
         };
-        for w in &mut watched {
+        for w in watched.iter_mut().filter(|w| !(follow.beside_ipcache_copy && w.kind == MapKind::Ipcache)) {
             let raw = w.map.read_all(opts.strategy)?;
             w.mirror.fill(&mut raw.iter());
         }
@@ -340,8 +432,9 @@ impl ChangeFeed {
         })
     }
 
-    /// Waits for the next confirmed changes.
-    pub async fn next(&mut self) -> Result<Vec<DatapathChange>, DatapathError> {
+    /// Waits for the next confirmed changes. `copy`: the caller's copy of the ipcache, as
+    /// every batch before this one left it (when it follows with `beside_ipcache_copy`).
+    pub async fn next(&mut self, copy: Option<&dyn IpcacheCopy>) -> Result<Vec<DatapathChange>, DatapathError> {
         loop {
             let changes = match &mut self.source {
                 #[cfg(kvcheck_ebpf)]
@@ -366,13 +459,16 @@ impl ChangeFeed {
                         // Events dropped on a full ring buffer: any map may have changed.
                         if lost || resync.contains(&w.map.meta.id) {
                             // A whole-map read: off the async workers.
-                            out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "ebpf"))?);
+                            out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "ebpf", copy))?);
                         }
                     }
-                    for ((id, key), ()) in keys {
+                    // A map just re-read holds every key's change already (the copy is not yet
+                    // updated with them: confirming them again would report them twice).
+                    let reread = |id: &u32| lost || resync.contains(id);
+                    for ((id, key), ()) in keys.into_iter().filter(|((id, _), ())| !reread(id)) {
                         if let Some(w) = self.maps.iter_mut().find(|w| w.map.meta.id == id) {
                             if key.len() == w.map.meta.key_size as usize {
-                                out.extend(w.confirm(self.layout, &key, "ebpf")?);
+                                out.extend(w.confirm(self.layout, &key, "ebpf", copy)?);
                             }
                         }
                     }
@@ -386,7 +482,7 @@ impl ChangeFeed {
                     self.next_poll = Some(tokio::time::Instant::now() + *interval);
                     let mut out = Vec::new();
                     for w in &mut self.maps {
-                        out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "poll"))?);
+                        out.extend(tokio::task::block_in_place(|| w.resync(self.layout, "poll", copy))?);
                     }
                     out
                 }
