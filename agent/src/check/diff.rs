@@ -34,13 +34,13 @@ pub struct Finding {
     pub message: String,
     /// What the datapath holds (decoded map entry, interface addresses...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub datapath: Option<Value>,
+    pub datapath: Option<Evidence>,
     /// What the kvstore holds (key, decoded value, revisions).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kvstore: Option<Value>,
+    pub kvstore: Option<Evidence>,
     /// What kvcheck expected, and by which rule.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expected: Option<Value>,
+    pub expected: Option<Evidence>,
     /// Kvstore keys (or Kubernetes objects) this finding is about (re-read when settling).
     pub kvstore_keys: Vec<String>,
     /// Where its cluster-state evidence came from: `kvstore` (etcd keys), `kubernetes`
@@ -50,6 +50,42 @@ pub struct Finding {
     /// The ClusterMesh remote cluster the finding is about (its entries, its kvstore), or
     /// `null` for this node's own cluster.
     pub cluster: Option<String>,
+}
+
+/// A finding's evidence, held as its JSON text: the agent keeps every open finding until it
+/// resolves, and a `Value` tree is several times the size of its text (~1.5 KB against ~250 B
+/// for an ipcache entry and its kvstore key).
+#[derive(Clone, Debug)]
+pub struct Evidence(Box<serde_json::value::RawValue>);
+
+impl Evidence {
+    /// `None` when `v` does not serialize. Keys sorted, as a `Value` prints them.
+    pub fn of(v: impl Serialize) -> Option<Evidence> {
+        let v = serde_json::to_value(v).ok()?;
+        serde_json::value::to_raw_value(&v).ok().map(Evidence)
+    }
+
+    /// The evidence as a JSON value (to read a field of it).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Serialize for Evidence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl std::fmt::Display for Evidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
 }
 
 impl Finding {
@@ -69,17 +105,17 @@ impl Finding {
     }
 
     fn datapath(mut self, v: impl Serialize) -> Self {
-        self.datapath = serde_json::to_value(v).ok();
+        self.datapath = Evidence::of(v);
         self
     }
 
     fn kvstore(mut self, v: impl Serialize) -> Self {
-        self.kvstore = serde_json::to_value(v).ok();
+        self.kvstore = Evidence::of(v);
         self
     }
 
     fn expected(mut self, v: impl Serialize) -> Self {
-        self.expected = serde_json::to_value(v).ok();
+        self.expected = Evidence::of(v);
         self
     }
 

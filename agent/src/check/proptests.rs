@@ -455,7 +455,7 @@ fn identity_missing_for_an_identity_only_remote_pods_use() {
     w.kv.identities.remove(&1003);
     let f = findings(&w);
     assert_eq!(ids(&f), BTreeSet::from([(super::kinds::FindingKind::IdentityMissing, "1003".to_owned())]));
-    let evidence = f[0].datapath.as_ref().unwrap();
+    let evidence = f[0].datapath.as_ref().unwrap().value();
     assert_eq!(evidence["ipcache_entries"], 4, "two ip/v1 entries and two ipcache entries: {evidence}");
     assert_eq!(evidence["prefixes"], serde_json::json!(["10.2.0.10/32", "10.2.0.11/32"]));
 }

@@ -499,9 +499,10 @@ fn annotate_map_mismatches(findings: &mut [Finding], cilium: &CiliumAgentState, 
     for f in findings.iter_mut().filter(|f| f.kind == FindingKind::DatapathMapMismatch) {
         let pinned_at = cilium.pins.iter().find(|p| p.map == f.subject).and_then(|p| p.pinned_at.clone());
         let age = pinned_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| now - t.with_timezone(&chrono::Utc));
-        if let Some(serde_json::Value::Object(m)) = f.datapath.as_mut() {
+        if let Some(serde_json::Value::Object(mut m)) = f.datapath.as_ref().map(super::diff::Evidence::value) {
             m.insert("pinned_at".into(), serde_json::json!(pinned_at));
             m.insert("cilium_agent".into(), serde_json::json!(cilium.summary()));
+            f.datapath = super::diff::Evidence::of(m);
         }
         match age {
             Some(age) if cilium.state == crate::cilium::Readiness::Unknown && age < YOUNG_PIN => f.message.push_str(&format!(

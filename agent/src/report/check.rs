@@ -8,8 +8,8 @@ use crate::check::kinds::Severity;
 use crate::check::run::CheckReport;
 use crate::cilium::CiliumAgentState;
 
-fn evidence_line(out: &mut String, label: &str, v: &Option<serde_json::Value>) {
-    let Some(v) = v else { return };
+fn evidence_line(out: &mut String, label: &str, v: &Option<crate::check::diff::Evidence>) {
+    let Some(v) = v.as_ref().map(crate::check::diff::Evidence::value) else { return };
     if v.is_null() {
         return;
     }
