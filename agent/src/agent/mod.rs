@@ -121,7 +121,7 @@ impl State {
         match t {
             Transition::Opened(f) => tracing::warn!(
                 event = "finding-opened", kind = f.kind.name(), subject = %f.subject, severity = ?f.severity, cluster = f.cluster.as_deref().unwrap_or(""), detail = %f.message,
-                evidence = %serde_json::json!({"datapath": f.datapath, "kvstore": f.kvstore}), "finding opened"
+                evidence = %format_args!(r#"{{"datapath":{},"kvstore":{}}}"#, evidence_text(&f.datapath), evidence_text(&f.kvstore)), "finding opened"
             ),
             Transition::Resolved(f) => tracing::info!(event = "finding-resolved", kind = f.kind.name(), subject = %f.subject, cluster = f.cluster.as_deref().unwrap_or(""), "finding resolved"),
         }
@@ -372,6 +372,11 @@ async fn next_objects(k: &mut Option<KubeWatcher>) -> crate::k8s::watch::ObjectB
         Some(k) => k.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// A finding's evidence as JSON text (`null` when absent).
+fn evidence_text(e: &Option<crate::check::diff::Evidence>) -> &str {
+    e.as_ref().map_or("null", crate::check::diff::Evidence::text)
 }
 
 /// The remote clusters that cannot be read.
