@@ -455,9 +455,9 @@ impl KvstoreWatcher {
         // A key's mod revision changes with every write to it: equal revisions (and leases)
         // are equal values, also when the mirror does not hold them.
         let (old, mut changes) = (&self.mirror, Vec::new());
-        let fresh = KvstoreMirror::list_pages(&self.etcd, &self.prefixes, self.opts.page_size, self.keep_values, |page, _| {
-            let changed = page.iter().filter(|kv| old.keys.get(String::from_utf8_lossy(kv.key()).as_ref()).is_none_or(|o| (o.mod_revision, o.lease) != (kv.mod_revision(), kv.lease())));
-            changes.extend(changed.map(Change::put));
+        let fresh = KvstoreMirror::list_pages(&self.etcd, &self.prefixes, self.opts.page_size, self.keep_values, |page, keys| {
+            let changed = page.iter().zip(keys).filter(|(kv, key)| old.keys.get(&***key).is_none_or(|o| (o.mod_revision, o.lease) != (kv.mod_revision(), kv.lease())));
+            changes.extend(changed.map(|(kv, _)| Change::put(kv)));
         })
         .await?;
         changes.extend(self.mirror.deletes_to(&fresh));
