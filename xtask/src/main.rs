@@ -119,6 +119,17 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
 }
 
+/// A fresh clone's test build fills ~4 GiB of target/ (and the tools, fuzz and static
+/// builds); a disk that fills mid-link kills the linker with SIGBUS, which says nothing of why.
+fn warn_if_disk_is_short() {
+    const NEEDED_GIB: u64 = 6;
+    let free = output(Command::new("df").args(["--output=avail", "-B1G"]).arg(root()));
+    let gib = free.ok().and_then(|o| o.lines().last().and_then(|l| l.trim().parse::<u64>().ok()));
+    if let Some(gib) = gib.filter(|g| *g < NEEDED_GIB) {
+        eprintln!("test: warning: {gib} GiB free where the repository is; a fresh test build needs about {NEEDED_GIB} GiB");
+    }
+}
+
 fn setup() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -260,6 +271,7 @@ fn image() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    warn_if_disk_is_short();
     setup()?;
     let static_bin = build_with_static("static-test")?;
     if !is_root() {

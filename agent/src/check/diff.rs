@@ -82,12 +82,6 @@ impl Serialize for Evidence {
     }
 }
 
-impl std::fmt::Display for Evidence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.text())
-    }
-}
-
 impl Finding {
     pub fn new(kind: FindingKind, subject: impl Into<String>, message: impl Into<String>) -> Finding {
         Finding {

@@ -184,7 +184,7 @@ impl Watched {
 
     fn record(&mut self, layout: Layout, key: Vec<u8>, now: Option<Vec<u8>>, source: &'static str, copy: Option<&dyn IpcacheCopy>) -> Option<DatapathChange> {
         if let Some(copy) = copy.filter(|_| self.kind == MapKind::Ipcache) {
-            return self.record_beside(layout, &key, now.as_deref(), source, copy);
+            return self.record_beside(layout, &key, now.as_deref(), source, copy).1;
         }
         let before = self.mirror.get(&key).map(<[u8]>::to_vec);
         if before == now {
@@ -198,7 +198,8 @@ impl Watched {
 
     /// [`Self::record`] for an ipcache whose decoded copy the caller holds: compared decoded
     /// (bytes Cilium does not use cannot make a change); only undecodable entries are mirrored.
-    fn record_beside(&mut self, layout: Layout, key: &[u8], now: Option<&[u8]>, source: &'static str, copy: &dyn IpcacheCopy) -> Option<DatapathChange> {
+    /// Also says whether the key was held before (in the copy or the mirror).
+    fn record_beside(&mut self, layout: Layout, key: &[u8], now: Option<&[u8]>, source: &'static str, copy: &dyn IpcacheCopy) -> (bool, Option<DatapathChange>) {
         let held = ipcache::decode_key(layout, key).ok().and_then(|at| copy.entry(&at));
         let raw_before = self.mirror.get(key);
         let now_entry = now.map(|v| ipcache::decode(layout, key, v));
@@ -207,8 +208,9 @@ impl Watched {
             (Some(Ok(e)), _) => held == Some(e) && raw_before.is_none(),
             (Some(Err(_)), v) => raw_before == v,
         };
+        let was_held = held.is_some() || raw_before.is_some();
         if unchanged {
-            return None;
+            return (was_held, None);
         }
         let old = match (held, raw_before) {
             (Some(e), _) => Some(Self::decoded_ipcache(e.clone())),
@@ -224,7 +226,7 @@ impl Watched {
         if undecodable_now || old.as_ref().is_some_and(|(_, _, e)| e.is_none()) {
             self.mirror.set(key, now.filter(|_| undecodable_now));
         }
-        Some(self.change(old, new, source))
+        (was_held, Some(self.change(old, new, source)))
     }
 
     fn decoded_ipcache(e: IpcacheEntry) -> Decoded {
@@ -269,23 +271,16 @@ impl Watched {
         }
         let (mut out, mut found) = (Vec::new(), 0);
         for (k, v) in raw.iter() {
+            if let Some(c) = copy {
+                let (was_held, change) = self.record_beside(layout, k, Some(v), source, c);
+                found += usize::from(was_held);
+                out.extend(change);
+                continue;
+            }
             let before = self.mirror.get(k);
-            let same = match copy {
-                None => {
-                    found += usize::from(before.is_some());
-                    before == Some(v)
-                }
-                Some(c) => {
-                    let held = ipcache::decode_key(layout, k).ok().and_then(|at| c.entry(&at));
-                    found += usize::from(held.is_some() || before.is_some());
-                    match ipcache::decode(layout, k, v) {
-                        Ok(e) => held == Some(&e) && before.is_none(),
-                        Err(_) => before == Some(v),
-                    }
-                }
-            };
-            if !same {
-                out.extend(self.record(layout, k.to_vec(), Some(v.to_vec()), source, copy));
+            found += usize::from(before.is_some());
+            if before != Some(v) {
+                out.extend(self.record(layout, k.to_vec(), Some(v.to_vec()), source, None));
             }
         }
         if found != held {
