@@ -452,6 +452,17 @@ fn overlaps<'a>(exp: &ExpectedState, prefixes: impl Iterator<Item = &'a IpNet>, 
 /// The findings about one prefix: what the kvstore expects of it against what the ipcache
 /// holds (cluster 0).
 fn ipcache_prefix(prefix: &IpNet, exp: Option<&Expectation>, observed: Option<&IpcacheEntry>, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
+    // Nearly every prefix of a 500k-entry ipcache has no finding: decide that before making
+    // any text (the subject's formatting alone was 15 % of a full check's diff phase).
+    let no_finding = match (exp, observed) {
+        (None, None) => true,
+        (Some(e), None) => !e.required,
+        (None, Some(o)) => obs.kvstore.mesh.is_none() && identity::scope(o.identity) == IdentityScope::Local,
+        (Some(e), Some(o)) => e.agrees(o),
+    };
+    if no_finding {
+        return;
+    }
     let subject = prefix.to_string();
     let (e, o) = match (exp, observed) {
         (None, None) => return,

@@ -54,6 +54,14 @@ pub struct Expectation {
 }
 
 impl Expectation {
+    /// Whether an ipcache entry holds what this expects (identity, tunnel endpoint and, when
+    /// known, encrypt key): no `ipcache-*-mismatch` finding.
+    pub fn agrees(&self, o: &crate::datapath::ipcache::IpcacheEntry) -> bool {
+        self.identities.contains(&o.identity)
+            && self.tunnel_endpoints.contains(&o.tunnel_endpoint)
+            && self.encrypt_keys.as_ref().is_none_or(|k| k.contains(&o.encrypt_key))
+    }
+
     fn merge(&mut self, o: Expectation) {
         self.identities.extend(o.identities);
         self.tunnel_endpoints.extend(o.tunnel_endpoints);
@@ -80,33 +88,32 @@ pub struct ExpectedTunnel {
     pub required: bool,
 }
 
-/// The expected ipcache: one expectation per prefix, sorted by prefix once built. A full check
-/// holds one per `ip/v1` entry and node address (~105k at the bench's size). A `BTreeMap` held
-/// them at ~55 % node fill (heaptrack: 33 MB); a sorted vector needs about half (~17 MB,
-/// estimated; the check's peak RSS fell 136 -> 124 MiB with this and the diff's position
-/// marks). While it is built (expectations arrive in kvstore order and merge by prefix) a hash
-/// index of positions finds a prefix (4 bytes a slot, comparing through the entries: a map
-/// of prefixes to positions cost 8.7 MB at the bench's size); [`finish`](Self::finish) sorts
-/// the entries and drops the index.
+/// The expected ipcache: one expectation per prefix, in the order the kvstore gave them. A
+/// full check holds one per `ip/v1` entry and node address (~105k at the bench's size). A
+/// `BTreeMap` held them at ~55 % node fill (heaptrack: 33 MB); a vector needs about half. A
+/// hash index of positions finds a prefix (4 bytes a slot, comparing through the entries: a
+/// map of prefixes to positions cost 8.7 MB at the bench's size), while expectations merge by
+/// prefix and when the diff looks up each of up to 500k ipcache prefixes (a binary search
+/// over sorted entries made ~17 scattered compares a prefix, and the sort itself moved
+/// 20 MB: together a third of a full check's diff phase). Nothing reads it in prefix order
+/// but its serialized form, which sorts.
 #[derive(Clone, Debug, Default)]
 pub struct ExpectedIpcache {
     entries: Vec<(IpNet, Expectation)>,
-    /// `Some` while building: positions in `entries` (unsorted until `finish`) by prefix.
-    index: Option<(hashbrown::HashTable<u32>, std::collections::hash_map::RandomState)>,
+    /// Positions in `entries` by prefix.
+    index: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl ExpectedIpcache {
     fn building(capacity: usize) -> Self {
-        ExpectedIpcache { entries: Vec::with_capacity(capacity), index: Some((hashbrown::HashTable::with_capacity(capacity), Default::default())) }
+        ExpectedIpcache { entries: Vec::with_capacity(capacity), index: hashbrown::HashTable::with_capacity(capacity), ..Default::default() }
     }
 
     /// `prefix`'s position in [`iter`](Self::iter)'s order, and its expectation.
     pub fn lookup(&self, prefix: &IpNet) -> Option<(usize, &Expectation)> {
-        let at = match &self.index {
-            Some((index, hasher)) => index.find(hasher.hash_one(prefix), |&p| self.entries[p as usize].0 == *prefix).map(|&p| p as usize),
-            None => self.entries.binary_search_by(|(p, _)| p.cmp(prefix)).ok(),
-        };
-        at.map(|i| (i, &self.entries[i].1))
+        let at = *self.index.find(self.hasher.hash_one(prefix), |&p| self.entries[p as usize].0 == *prefix)? as usize;
+        Some((at, &self.entries[at].1))
     }
 
     pub fn get(&self, prefix: &IpNet) -> Option<&Expectation> {
@@ -118,31 +125,23 @@ impl ExpectedIpcache {
         Some(&mut self.entries[at].1)
     }
 
-    /// A prefix not held yet (callers merge into a held one through `get_mut`).
+    /// Replaces `prefix`'s expectation, or adds it (callers merge into a held one through
+    /// `get_mut`).
     fn insert(&mut self, prefix: IpNet, e: Expectation) {
-        match &mut self.index {
-            Some((index, hasher)) => {
-                let entries = &mut self.entries;
-                match index.find(hasher.hash_one(prefix), |&p| entries[p as usize].0 == prefix) {
-                    Some(&at) => entries[at as usize].1 = e,
-                    None => {
-                        index.insert_unique(hasher.hash_one(prefix), entries.len() as u32, |&p| hasher.hash_one(entries[p as usize].0));
-                        entries.push((prefix, e));
-                    }
-                }
-            }
-            None => match self.entries.binary_search_by(|(p, _)| p.cmp(&prefix)) {
-                Ok(at) => self.entries[at].1 = e,
-                Err(at) => self.entries.insert(at, (prefix, e)),
-            },
+        if let Some((at, _)) = self.lookup(&prefix) {
+            self.entries[at].1 = e;
+            return;
         }
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.index.insert_unique(hasher.hash_one(prefix), entries.len() as u32, |&p| hasher.hash_one(entries[p as usize].0));
+        self.entries.push((prefix, e));
     }
 
+    /// Built: the spare capacity of the size estimate given back.
     fn finish(&mut self) {
-        if self.index.take().is_some() {
-            self.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            self.entries.shrink_to_fit();
-        }
+        self.entries.shrink_to_fit();
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.index.shrink_to(entries.len(), |&p| hasher.hash_one(entries[p as usize].0));
     }
 
     pub fn len(&self) -> usize {
@@ -153,7 +152,7 @@ impl ExpectedIpcache {
         self.entries.is_empty()
     }
 
-    /// Sorted by prefix (once built).
+    /// In the order expectations were first made (kvstore order), not by prefix.
     pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &Expectation)> {
         self.entries.iter().map(|(p, e)| (p, e))
     }
@@ -162,7 +161,9 @@ impl ExpectedIpcache {
 /// As the map it replaces: prefix -> expectation.
 impl Serialize for ExpectedIpcache {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.iter())
+        let mut sorted: Vec<(&IpNet, &Expectation)> = self.iter().collect();
+        sorted.sort_unstable_by_key(|(p, _)| *p);
+        s.collect_map(sorted)
     }
 }
 
@@ -689,7 +690,7 @@ mod tests {
     }
 
     #[test]
-    fn the_expected_ipcache_finds_prefixes_while_built_and_after_it_is_sorted() {
+    fn the_expected_ipcache_finds_prefixes_while_built_and_after() {
         let prefixes: Vec<IpNet> = ["10.0.0.9/32", "10.0.0.1/32", "fd00::1/128", "10.0.0.0/8", "10.0.0.5/32"].iter().map(|p| p.parse().unwrap()).collect();
         let mut m = ExpectedIpcache::building(2);
         for (i, p) in prefixes.iter().enumerate() {
@@ -697,10 +698,9 @@ mod tests {
         }
         m.get_mut(&prefixes[1]).unwrap().identities.insert(100);
         assert_eq!(m.get(&prefixes[0]).map(|e| e.identities.clone()), Some(set([0])));
+        m.insert(prefixes[2], expectation(2));
         m.finish();
-        let mut sorted = prefixes.clone();
-        sorted.sort();
-        assert_eq!(m.iter().map(|(p, _)| *p).collect::<Vec<_>>(), sorted);
+        assert_eq!(m.len(), prefixes.len());
         for (i, p) in prefixes.iter().enumerate() {
             let (at, e) = m.lookup(p).unwrap();
             assert_eq!(m.iter().nth(at).map(|(q, _)| q), Some(p));
@@ -708,12 +708,13 @@ mod tests {
         }
         assert!(m.get(&prefixes[1]).unwrap().identities.contains(&100));
         assert_eq!(m.get(&"10.0.0.2/32".parse().unwrap()), None);
-        // Inserting after it is built keeps it sorted.
+        // Inserting after it is built still finds it, at its position.
         m.insert("10.0.0.2/32".parse().unwrap(), expectation(7));
-        assert_eq!(m.lookup(&"10.0.0.2/32".parse().unwrap()).map(|(at, _)| at), Some(2));
+        let (at, e) = m.lookup(&"10.0.0.2/32".parse().unwrap()).unwrap();
+        assert_eq!((at, e.identities.clone()), (5, set([7])));
         assert_eq!(m.len(), 6);
-        // Serialized as the prefix -> expectation map it replaces.
+        // Serialized, sorted, as the prefix -> expectation map it replaces.
         let as_map: BTreeMap<IpNet, Expectation> = m.iter().map(|(p, e)| (*p, e.clone())).collect();
-        assert_eq!(serde_json::to_value(&m).unwrap(), serde_json::to_value(&as_map).unwrap());
+        assert_eq!(serde_json::to_string(&m).unwrap(), serde_json::to_string(&as_map).unwrap());
     }
 }
