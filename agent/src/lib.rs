@@ -16,3 +16,15 @@ pub mod kvstore;
 pub mod model;
 pub mod options;
 pub mod report;
+
+/// Gives the heap's free pages back to the kernel (every arena's, not only the top of each).
+/// Memory freed on one thread stays in that thread's arena, where another thread's
+/// allocations do not reuse it: a full check frees its raw pages on the runtime's workers,
+/// then builds its expected state on the main thread.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

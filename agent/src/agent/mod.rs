@@ -435,11 +435,7 @@ fn evaluate(state: &mut State, live: &mut Live) {
         // A full check, or a burst, allocates and frees a lot (decoded snapshots, a whole-map
         // re-read, findings): give the freed pages back so an idle agent's RSS is what it
         // holds, not its peak.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        crate::release_free_memory();
     }
 }
 

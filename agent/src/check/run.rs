@@ -285,11 +285,7 @@ pub fn evaluate(ctx: &NodeContext, r: &Reading) -> (Vec<Finding>, Notes) {
 pub fn drop_aside<T: Send + 'static>(value: T) {
     let _ = std::thread::Builder::new().name("kvcheck-free".into()).spawn(move || {
         drop(value);
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        crate::release_free_memory();
     });
 }
 
@@ -597,6 +593,9 @@ async fn check_once(
     let (kvstore, (dp, host)) = (kvstore?, datapath?);
     let mut reading = Reading { datapath: dp, host, kvstore, health, datapath_read_at, kvstore_read_at };
     let ctx = context(&opts.node_name, &opts.cluster, cfg.clone(), &reading);
+    // The raw pages and batches the reads freed, given back before the expected state is
+    // built (the check's peak).
+    crate::release_free_memory();
     let evaluate_started = std::time::Instant::now();
     let (mut findings, notes) = evaluate(&ctx, &reading);
     let ms = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;

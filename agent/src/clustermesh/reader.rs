@@ -144,7 +144,7 @@ async fn read_with(r: &mut RemoteCluster, etcd: &Etcd, local: &LocalCluster, opt
     let mut revision = None;
     for prefix in prefixes.all(&r.name) {
         // Each page decoded as it arrives (and dropped), all at the first page's revision.
-        let rev = list_prefix(etcd, &prefix, revision, opts.page_size, |page| {
+        let rev = list_prefix(etcd, &prefix, revision, opts.page_size, |page, _| {
             r.decode(local, page.iter().map(|kv| (KvMeta { key: crate::kvstore::reader::key_of(kv), mod_revision: kv.mod_revision(), lease: kv.lease() }, kv.value())));
         })
         .await?;

@@ -64,7 +64,7 @@ impl KvstoreMirror {
     ) -> Result<KvstoreMirror, KvstoreError> {
         let (mut listed, mut revision) = (Vec::new(), None);
         for prefix in prefixes {
-            let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page| {
+            let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page, _| {
                 let keys: Vec<Arc<str>> = page.iter().map(|kv| reader::key_of(kv)).collect();
                 on_page(page, &keys);
                 listed.extend(keys.into_iter().zip(page).map(|(key, kv)| (key, RawKv::of(kv, keep_values))));
