@@ -173,11 +173,16 @@ pub struct Observed<'a> {
 }
 
 pub fn diff(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>) -> Vec<Finding> {
+    diff_using(exp, ctx, obs, &IdentityUsers::of_observed(obs))
+}
+
+/// [`diff`] with the node's identity users already counted (a full check counts them while
+/// it derives the expected state).
+pub fn diff_using(exp: &ExpectedState, ctx: &NodeContext, obs: &Observed<'_>, used: &IdentityUsers) -> Vec<Finding> {
     let kv = KvIndex::new(obs.kvstore);
     let mut out = Vec::new();
     ipcache(exp, obs, &kv, &mut out);
-    let used = IdentityUsers::of(obs.kvstore.ips.iter(), obs.datapath.ipcache.entries.iter());
-    node_sections(exp, ctx, obs, &kv, &used, &mut out);
+    node_sections(exp, ctx, obs, &kv, used, &mut out);
     endpoint_objects(obs, &mut out);
     finish(out)
 }
@@ -249,6 +254,11 @@ impl IdentityUsers {
             used.add(o.identity, o.prefix);
         }
         used
+    }
+
+    /// [`of`](Self::of) both sides of one reading.
+    pub fn of_observed(obs: &Observed<'_>) -> IdentityUsers {
+        Self::of(obs.kvstore.ips.iter(), obs.datapath.ipcache.entries.iter())
     }
 
     /// Records one use of `id` by `prefix` (global identities only).
@@ -412,22 +422,70 @@ fn finish(mut out: Vec<Finding>) -> Vec<Finding> {
     out
 }
 
+/// An ipcache this large is diffed on two threads (a consistent node's diff is its lookups).
+pub const PARALLEL_DIFF_ENTRIES: usize = 50_000;
+
 fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
     // One pass over the (possibly 500k) observed entries, marking each expected prefix seen by
-    // its position; then the expected prefixes left unmarked. Entries of other ClusterMesh
-    // clusters (cluster id ≠ 0) need their cluster's kvstore and are not checked here.
+    // its position and keeping the few that may make a finding (in halves on two threads for
+    // a large ipcache); those then make their findings in order, and the expected prefixes
+    // left unmarked theirs. Entries of other ClusterMesh clusters (cluster id ≠ 0) need their
+    // cluster's kvstore and are not checked here.
+    let entries = &obs.datapath.ipcache.entries;
+    let scan = |from: usize, part: &[IpcacheEntry]| {
+        let (mut seen, mut attention) = (Vec::new(), Vec::new());
+        for (i, o) in part.iter().enumerate().filter(|(_, o)| o.cluster_id == 0) {
+            let found = exp.ipcache.lookup(&o.prefix);
+            if let Some((at, _)) = found {
+                seen.push(at as u32);
+            }
+            if !no_finding(found.map(|(_, e)| e), Some(o), obs) {
+                attention.push(from + i);
+            }
+        }
+        (seen, attention)
+    };
+    let mid = if entries.len() >= PARALLEL_DIFF_ENTRIES { entries.len() / 2 } else { entries.len() };
+    let (first, second) = both(mid < entries.len(), || scan(0, &entries[..mid]), || scan(mid, &entries[mid..]));
     let mut seen = vec![false; exp.ipcache.len()];
-    for o in obs.datapath.ipcache.entries.iter().filter(|e| e.cluster_id == 0) {
-        let e = exp.ipcache.lookup(&o.prefix).map(|(at, e)| {
-            seen[at] = true;
-            e
-        });
-        ipcache_prefix(&o.prefix, e, Some(o), obs, kv, out);
+    for (positions, attention) in [&first, &second] {
+        for &at in positions {
+            seen[at as usize] = true;
+        }
+        for o in attention.iter().map(|&i| &entries[i]) {
+            ipcache_prefix(&o.prefix, exp.ipcache.get(&o.prefix), Some(o), obs, kv, out);
+        }
     }
     for ((prefix, e), _) in exp.ipcache.iter().zip(&seen).filter(|(_, seen)| !**seen) {
         ipcache_prefix(prefix, Some(e), None, obs, kv, out);
     }
     overlaps(exp, exp.overlaps.keys(), out);
+}
+
+/// `a` and `b`, on two threads when `parallel` (and a thread can be had), else in turn. A
+/// panic in either is the caller's.
+pub fn both<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    // `b` waits in a cell: taken by the thread, or run here when no thread started.
+    let b = std::sync::Mutex::new(Some(b));
+    let take = || b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    std::thread::scope(|s| {
+        let aside = if parallel { std::thread::Builder::new().spawn_scoped(s, || take().map(|b| b())).ok() } else { None };
+        let ra = a();
+        let rb = aside.and_then(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        (ra, rb.unwrap_or_else(|| take().map(|b| b()).expect("b runs on the thread or here")))
+    })
+}
+
+/// Whether one prefix certainly makes no finding: nearly every prefix of a 500k-entry ipcache,
+/// decided before any text is made (the subject's formatting alone was 15 % of a full check's
+/// diff phase).
+fn no_finding(exp: Option<&Expectation>, observed: Option<&IpcacheEntry>, obs: &Observed<'_>) -> bool {
+    match (exp, observed) {
+        (None, None) => true,
+        (Some(e), None) => !e.required,
+        (None, Some(o)) => obs.kvstore.mesh.is_none() && identity::scope(o.identity) == IdentityScope::Local,
+        (Some(e), Some(o)) => e.agrees(o),
+    }
 }
 
 /// One prefix announced by two clusters (overlapping pod CIDRs, an IP reused across the mesh):
@@ -452,15 +510,7 @@ fn overlaps<'a>(exp: &ExpectedState, prefixes: impl Iterator<Item = &'a IpNet>, 
 /// The findings about one prefix: what the kvstore expects of it against what the ipcache
 /// holds (cluster 0).
 fn ipcache_prefix(prefix: &IpNet, exp: Option<&Expectation>, observed: Option<&IpcacheEntry>, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut Vec<Finding>) {
-    // Nearly every prefix of a 500k-entry ipcache has no finding: decide that before making
-    // any text (the subject's formatting alone was 15 % of a full check's diff phase).
-    let no_finding = match (exp, observed) {
-        (None, None) => true,
-        (Some(e), None) => !e.required,
-        (None, Some(o)) => obs.kvstore.mesh.is_none() && identity::scope(o.identity) == IdentityScope::Local,
-        (Some(e), Some(o)) => e.agrees(o),
-    };
-    if no_finding {
+    if no_finding(exp, observed, obs) {
         return;
     }
     let subject = prefix.to_string();
@@ -918,5 +968,27 @@ fn map_pressure(obs: &Observed<'_>, out: &mut Vec<Finding>) {
     pressure(&obs.datapath.endpoints, out);
     if let Some(t) = &obs.datapath.tunnel {
         pressure(t, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::both;
+
+    #[test]
+    fn both_runs_each_once_on_two_threads_or_in_turn() {
+        for parallel in [true, false] {
+            let here = std::thread::current().id();
+            let (a, b) = both(parallel, || (1, std::thread::current().id()), || ("b", std::thread::current().id()));
+            assert_eq!((a.0, b.0), (1, "b"));
+            assert_eq!(a.1, here, "a runs on the caller's thread");
+            assert_eq!(b.1 != here, parallel, "b runs aside only when asked to");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "from b")]
+    fn a_panic_aside_reaches_the_caller() {
+        both(true, || (), || panic!("from b"));
     }
 }
