@@ -439,8 +439,9 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut 
             if let Some((at, _)) = found {
                 seen.push(at as u32);
             }
-            if !no_finding(found.map(|(_, e)| e), Some(o), obs) {
-                attention.push(from + i);
+            let e = found.map(|(_, e)| e);
+            if !no_finding(e, Some(o), obs) {
+                attention.push((from + i, e));
             }
         }
         (seen, attention)
@@ -452,8 +453,8 @@ fn ipcache(exp: &ExpectedState, obs: &Observed<'_>, kv: &KvIndex<'_>, out: &mut 
         for &at in positions {
             seen[at as usize] = true;
         }
-        for o in attention.iter().map(|&i| &entries[i]) {
-            ipcache_prefix(&o.prefix, exp.ipcache.get(&o.prefix), Some(o), obs, kv, out);
+        for &(i, e) in attention {
+            ipcache_prefix(&entries[i].prefix, e, Some(&entries[i]), obs, kv, out);
         }
     }
     for ((prefix, e), _) in exp.ipcache.iter().zip(&seen).filter(|(_, seen)| !**seen) {

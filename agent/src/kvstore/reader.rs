@@ -317,7 +317,7 @@ async fn read_snapshot_filtered(etcd: &Etcd, opts: &ListOptions, node: Option<(&
     let (revision, mut addresses) = first_read(etcd, node).await?;
     loop {
         let filter = node.map(|_| NodeFilter { addresses: addresses.clone() });
-        let mut snap = list_at(etcd, opts, revision, filter.as_ref()).await?;
+        let snap = list_at(etcd, opts, revision, filter.as_ref()).await?;
         let Some((cluster, name)) = node else { return Ok(snap) };
         // The view keeps what every node entry naming this node hosts: another key naming
         // it (Cilium never writes one) adds addresses, and the view is read again with them
@@ -325,7 +325,6 @@ async fn read_snapshot_filtered(etcd: &Etcd, opts: &ListOptions, node: Option<(&
         let listed: std::collections::BTreeSet<std::net::IpAddr> =
             snap.nodes.iter().filter(|n| n.cluster == cluster && n.name == name).flat_map(|n| n.addresses.iter().map(|a| a.ip)).collect();
         if listed == addresses {
-            snap.revision = revision;
             return Ok(snap);
         }
         addresses = listed;

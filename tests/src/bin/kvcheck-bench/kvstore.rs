@@ -73,8 +73,6 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
     figs.insert("kv_cli_rss_mib", mib(cli_rss));
     figs.insert("kv_etcdctl_ms", ms(etcdctl));
     figs.insert("kv_etcdctl_rss_mib", mib(etcdctl_rss));
-    figs.insert("kv_library_ms", ms(library));
-    figs.insert("kv_floor_ms", ms(floor));
     let mut table = format!(
         "kvstore of {} nodes, {} IP entries, {} identities (+{} value keys), {total_keys} keys; etcd {} on loopback; median of {} runs\n\n",
         shape.nodes, shape.ips, shape.identities, shape.identities, etcd_version(), args.runs
