@@ -29,18 +29,9 @@ fn cargo_fuzz(root: &Path, tools_bin: &Path) -> Command {
     c
 }
 
-pub fn install_if_missing(tools: &Path) -> Result<()> {
-    let bin = tools.join("bin/cargo-fuzz");
-    if crate::output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.ends_with(CARGO_FUZZ_VERSION)) {
-        return Ok(());
-    }
-    eprintln!("test: building cargo-fuzz {CARGO_FUZZ_VERSION} into .tools/");
-    crate::run(Command::new("cargo").args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--root"]).arg(tools))
-}
-
 /// Builds every target, writes the seeds, then runs each for `seconds`: whether each passed.
 pub fn run_all(root: &Path, tools: &Path, seeds_bin: &Path, seconds: u64) -> Result<Vec<bool>> {
-    install_if_missing(tools)?;
+    crate::install_tool_if_missing(tools, "cargo-fuzz", CARGO_FUZZ_VERSION)?;
     let seeds = root.join("target/fuzz-seeds");
     let _ = std::fs::remove_dir_all(&seeds);
     crate::run(Command::new(seeds_bin).arg(&seeds))?;

@@ -182,6 +182,16 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// `cargo install <krate> --version <version>` into `tools` unless its binary there already
+/// reports that version.
+pub fn install_tool_if_missing(tools: &Path, krate: &str, version: &str) -> Result<()> {
+    if output(Command::new(tools.join("bin").join(krate)).arg("--version")).is_ok_and(|v| v.ends_with(version)) {
+        return Ok(());
+    }
+    eprintln!("test: building {krate} {version} into .tools/");
+    run(Command::new("cargo").args(["install", krate, "--version", version, "--locked", "--root"]).arg(tools))
+}
+
 /// `pip install --target .tools/<dir> <package>` unless `installed` (a file it provides) exists.
 fn pip_install_if_missing(package: &str, dir: &str, installed: &Path) -> Result<()> {
     if installed.exists() {
@@ -349,12 +359,7 @@ fn fuzz_targets() -> Counts {
 /// machines cannot fetch (deny.toml says so).
 fn dependency_policy() -> Counts {
     let deny = tools_dir().join("bin/cargo-deny");
-    let installed = output(Command::new(&deny).arg("--version")).is_ok_and(|v| v.ends_with(CARGO_DENY_VERSION));
-    let ready = installed || {
-        eprintln!("test: building cargo-deny {CARGO_DENY_VERSION} into .tools/");
-        run(Command::new("cargo").args(["install", "cargo-deny", "--version", CARGO_DENY_VERSION, "--locked", "--root"]).arg(tools_dir())).is_ok()
-    };
-    let ok = ready && run(Command::new(&deny).current_dir(root()).args(["--locked", "check", "licenses", "bans", "sources"])).is_ok();
+    let ok = install_tool_if_missing(&tools_dir(), "cargo-deny", CARGO_DENY_VERSION).is_ok() && run(Command::new(&deny).current_dir(root()).args(["--locked", "check", "licenses", "bans", "sources"])).is_ok();
     println!("test dependency_policy ... {}", if ok { "ok" } else { "FAILED" });
     Counts { passed: u64::from(ok), failed: u64::from(!ok), ignored: 0, ok }
 }

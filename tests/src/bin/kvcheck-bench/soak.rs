@@ -74,7 +74,7 @@ pub(crate) fn soak_bench(args: &Args, figs: &mut crate::Figures) -> Result<Strin
     std::thread::sleep(Duration::from_secs(4));
     let skip = elapsed / 10.0;
     let mut t = format!(
-        "Run on {} on kernel {} (`cargo xtask bench --only soak`; other runs keep this section). The churn of \"Trust under churn\" for {:.1} min: **{rate:.0} changes/s** ({:.1} map + {:.1} kvstore; {} map and {} kvstore changes), two agents with `--grace 3s`, RSS and open fds sampled every {} s; slopes are least-squares over the samples after the first tenth of the run.\n\n| agent | false findings opened | CPU per 100 changes/s | RSS (min-max) | RSS slope | open fds (min-max) | fd slope |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "Run on {} on kernel {} (`--soak-seconds N` or `--only soak`; a run without it keeps this section). The churn of \"Trust under churn\" for {:.1} min: **{rate:.0} changes/s** ({:.1} map + {:.1} kvstore; {} map and {} kvstore changes), two agents with `--grace 3s`, RSS and open fds sampled every {} s; slopes are least-squares over the samples after the first tenth of the run.\n\n| agent | false findings opened | CPU per 100 changes/s | RSS (min-max) | RSS slope | open fds (min-max) | fd slope |\n|---|---:|---:|---:|---:|---:|---:|\n",
         chrono::Utc::now().format("%Y-%m-%d"),
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         elapsed / 60.0,
