@@ -1,6 +1,6 @@
 //! A kvstore key and value as etcd returns them (`<key>\n<value>`), through the decoder that
 //! routes keys to the node, ip, identity and identity-reference decoders (what `check`, `dump`
-//! and the agent's watch all use).
+//! and the agent's watch all use), and the ip/v1 value's fast read against serde's.
 #![no_main]
 
 use kvcheck::kvstore::reader::{decode_raw_into, KvstoreSnapshot};
@@ -16,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let mut snap = KvstoreSnapshot::default();
     decode_raw_into(&mut snap, std::iter::once((meta.clone(), value)), None);
     let _ = values::valid_ip_host(&meta.key, value);
+    // The ip/v1 value's fast read never disagrees with serde's where it accepts a value.
+    assert!(values::ip_value_fast_read_agrees(value), "fast read disagrees with serde");
     if let Ok(text) = std::str::from_utf8(value) {
         let _ = values::mask_bits(text);
         let _ = values::parse_time(text);
