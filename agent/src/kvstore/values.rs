@@ -271,10 +271,10 @@ struct IpJson<'a> {
 
 impl<'a> IpJson<'a> {
     /// The value read the way Cilium's Go encoder writes it: one flat object, no whitespace,
-    /// no escapes, no nested values. Measured at 100k entries: serde took ~300 ns an entry,
-    /// most of a full read's decode. Anything else is `None`, and serde reads (or rejects) it
-    /// exactly as before; where this accepts, it agrees with serde (the kvstore_values fuzz
-    /// target checks it).
+    /// no escapes, no nested values. Measured over 100k entries, parsing and checking them
+    /// (key, JSON, addresses) took 41 ms with serde and 31 ms with this. Anything else is
+    /// `None`, and serde reads (or rejects) it exactly as before; where this accepts, it
+    /// agrees with serde (the kvstore_values fuzz target checks it).
     fn fast(v: &'a [u8]) -> Option<IpJson<'a>> {
         let mut r = FlatJson { v, at: 0 };
         r.expect(b'{')?;
