@@ -330,7 +330,9 @@ fn bench_smoke() -> Counts {
     let args = ["--scale", "0.01", "--runs", "1", "--idle-seconds", "2", "--agent-seconds", "2", "--agents", "5", "--load-seconds", "5", "--load-resync", "5", "--load-health", "2", "--churn-seconds", "10", "--soak-seconds", "10", "--soak-sample", "2", "--write"];
     eprintln!("test: benchmark harness at 1/100 of the sizes");
     let bin = root().join("target/debug");
-    let ok = run(Command::new(bin.join("kvcheck-bench")).env("KVCHECK_BIN", bin.join("kvcheck")).args(args).arg(&out)).is_ok() && out.exists();
+    let mut bench = Command::new(bin.join("kvcheck-bench"));
+    bench.env("KVCHECK_BIN", bin.join("kvcheck")).env("KVCHECK_BENCH_ETCD35", etcd35_dir().join("etcd")).args(args).arg(&out);
+    let ok = run(&mut bench).is_ok() && out.exists();
     println!("test bench_smoke ... {}", if ok { "ok" } else { "FAILED" });
     Counts { passed: u64::from(ok), failed: u64::from(!ok), ignored: 0, ok }
 }
@@ -431,6 +433,7 @@ fn main() -> Result<()> {
             let bin = release_binaries()?;
             run(Command::new(bin.join("kvcheck-bench"))
                 .env("KVCHECK_BIN", bin.join("kvcheck"))
+                .env("KVCHECK_BENCH_ETCD35", etcd35_dir().join("etcd"))
                 .args(&args)
                 .arg("--write")
                 .arg(root().join("BENCHMARKS.md")))

@@ -173,7 +173,11 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 pub(crate) fn etcd_version() -> String {
-    Command::new(kvcheck_tests::etcd::etcd_binary())
+    etcd_version_of(&kvcheck_tests::etcd::etcd_binary())
+}
+
+pub(crate) fn etcd_version_of(binary: &str) -> String {
+    Command::new(binary)
         .arg("--version")
         .output()
         .ok()

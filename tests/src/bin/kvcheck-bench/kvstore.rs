@@ -46,16 +46,20 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
         sizes.sort();
     }
     sizes.push(0);
-    for page_size in sizes {
-        let d = time_runs(args.runs, || {
+    // The library's read and decode, in-process, of the etcd at `settings`.
+    let library_read = |settings: &kvcheck::kvstore::config::EtcdSettings, page_size: i64| {
+        time_runs(args.runs, || {
             rt.block_on(async {
-                let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
+                let client = kvcheck::kvstore::client::Etcd::connect(settings, Duration::from_secs(30)).await?;
                 let opts = kvcheck::kvstore::reader::ListOptions { page_size, include_cache: false };
                 let snap = kvcheck::kvstore::reader::read_snapshot(&client, &opts).await?;
                 anyhow::ensure!(snap.ips.len() == shape.ips as usize && snap.nodes.len() == shape.nodes as usize);
                 Ok(())
             })
-        })?;
+        })
+    };
+    for page_size in sizes {
+        let d = library_read(&settings, page_size)?;
         if page_size == default_page {
             library = d;
         }
@@ -125,5 +129,25 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
     ));
     table.push_str("\nPage size (kvcheck library, read + decode, in-process):\n\n| page | wall ms |\n|---|---:|\n");
     table.push_str(&pages);
+
+    // The same read against etcd 3.5 (the build `cargo xtask test` repeats the kvstore tests
+    // with; `cargo xtask bench` names it), whose range reads cost differently.
+    if let Ok(binary) = std::env::var("KVCHECK_BENCH_ETCD35") {
+        drop(etcd);
+        let etcd35 = EtcdCluster::start(1, false, &binary)?;
+        rt.block_on(simdata::load(&etcd35.endpoints(), simdata::cluster_pairs(shape)))?;
+        let settings35 = kvcheck::kvstore::config::EtcdSettings { endpoints: etcd35.endpoints(), ..Default::default() };
+        // Reads after the load, unmeasured, as etcdctl's and `dump`'s runs are for the 3.4
+        // figures (etcd is still busy with the load for a while).
+        raw_kvstore_range(args.runs, etcd35.endpoints())?;
+        let library35 = library_read(&settings35, default_page)?;
+        let (floor35, keys35) = raw_kvstore_range(args.runs, etcd35.endpoints())?;
+        anyhow::ensure!(keys35 == total_keys, "the raw range on etcd 3.5 returned {keys35} of {total_keys} keys");
+        figs.insert("kv_ratio_etcd35", ms(library35) / ms(floor35));
+        table.push_str(&format!(
+            "\nThe same keys in etcd {} (the build `cargo xtask test` repeats the kvstore tests with), median of {} runs: raw range (the floor) {:.0} ms, kvcheck library read + decode {:.0} ms, **{:.2}x its floor**.\n",
+            etcd_version_of(&binary), args.runs, ms(floor35), ms(library35), ms(library35) / ms(floor35)
+        ));
+    }
     Ok(table)
 }
