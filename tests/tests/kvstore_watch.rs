@@ -302,5 +302,13 @@ fn sub_range_reads_equal_one_range() {
         for page_size in [1, 2, 3, 5, 7, 16] {
             assert_eq!(serde_json::to_value(read(page_size).await).unwrap(), whole, "pages of {page_size} differ from one range");
         }
+        // kvcheck's own range call (read in place) and etcd-client's (what a user with a
+        // password reads through) give the same snapshot.
+        assert!(client.channel.is_some(), "no user: ranges are read on kvcheck's channel");
+        let through_client = Etcd { channel: None, ..client.clone() };
+        for page_size in [0, 3, 16] {
+            let snap = kvcheck::kvstore::reader::read_snapshot(&through_client, &ListOptions { page_size, ..Default::default() }).await.unwrap();
+            assert_eq!(serde_json::to_value(snap).unwrap(), whole, "etcd-client's pages of {page_size} differ from kvcheck's read");
+        }
     });
 }

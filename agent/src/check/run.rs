@@ -450,7 +450,7 @@ pub async fn reread_keys(etcd: &Etcd, snap: &mut KvstoreSnapshot, keys: &BTreeSe
             revision = revision.max(h.revision());
         }
         snap.remove_key(key);
-        reader::decode_into(snap, resp.kvs());
+        reader::decode_into(snap, resp.kvs().iter().map(Into::into));
     }
     snap.revision = revision;
     Ok(revision)

@@ -12,7 +12,6 @@ use super::discovery::{self, RemoteConfigFile};
 use super::{LocalCluster, Mesh, RemoteCluster, RemoteStatus};
 use crate::kvstore::client::Etcd;
 use crate::kvstore::reader::list_prefix;
-use crate::kvstore::values::KvMeta;
 
 /// How to find and read the remotes.
 #[derive(Clone, Debug)]
@@ -145,7 +144,7 @@ async fn read_with(r: &mut RemoteCluster, etcd: &Etcd, local: &LocalCluster, opt
     for prefix in prefixes.all(&r.name) {
         // Each page decoded as it arrives (and dropped), all at the first page's revision.
         let rev = list_prefix(etcd, &prefix, revision, opts.page_size, |page, _| {
-            r.decode(local, page.iter().map(|kv| (KvMeta { key: crate::kvstore::reader::key_of(kv), mod_revision: kv.mod_revision(), lease: kv.lease() }, kv.value())));
+            r.decode(local, page.iter().map(|kv| (crate::kvstore::reader::meta(kv, crate::kvstore::reader::key_of(kv.key())), kv.value())));
         })
         .await?;
         revision = Some(rev);

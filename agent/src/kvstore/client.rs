@@ -9,6 +9,9 @@ use super::config::{ConfigError, EtcdSettings};
 /// How long one etcd request (or connection attempt) may take before kvcheck gives up.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// HTTP/2 pings on the etcd connection, so a dead peer is noticed between requests.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
 #[derive(Debug, thiserror::Error)]
 pub enum KvstoreError {
     #[error(transparent)]
@@ -44,6 +47,10 @@ pub struct Etcd {
     pub client: Client,
     pub endpoints: Vec<String>,
     pub timeout: Duration,
+    /// The gRPC channel under `client`, for the range reads kvcheck makes itself
+    /// ([`super::range`]); `None` with a username and password, whose auth token etcd-client
+    /// keeps to itself (those reads then go through `client`).
+    pub channel: Option<tonic::transport::Channel>,
 }
 
 fn tls_options(s: &EtcdSettings) -> Result<Option<TlsOptions>, KvstoreError> {
@@ -94,22 +101,20 @@ impl Etcd {
 
     /// Connects to `endpoints` only (used to ask each member for its own status).
     pub async fn connect_to(settings: &EtcdSettings, endpoints: Vec<String>, timeout: Duration) -> Result<Etcd, KvstoreError> {
-        let mut opts = ConnectOptions::new()
-            .with_timeout(timeout)
-            .with_connect_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(15), timeout)
-            // etcd's guidance: a member cut off from its leader refuses (and cancels watches)
-            // instead of serving stale data.
-            .with_require_leader(true);
-        if let Some(tls) = tls_options(settings)? {
-            opts = opts.with_tls(tls);
-        }
+        let joined = endpoints.join(",");
+        // kvcheck builds the channel (time bounds, keep-alive, TLS) so that its own range
+        // reads share it with etcd-client's calls.
+        let channel = channel(&endpoints, tls_options(settings)?, timeout)
+            .map_err(|message| KvstoreError::Etcd { endpoints: joined.clone(), operation: "connect".into(), message })?;
+        // etcd's guidance: a member cut off from its leader refuses (and cancels watches)
+        // instead of serving stale data.
+        let mut opts = ConnectOptions::new().with_require_leader(true);
         if let (Some(user), Some(pw)) = (&settings.username, &settings.password) {
             opts = opts.with_user(user.clone(), pw.expose().to_owned());
         }
-        let joined = endpoints.join(",");
-        let client = bounded(&joined, "connect", timeout, Client::connect(&endpoints, Some(opts))).await?;
-        Ok(Etcd { client, endpoints, timeout })
+        let client = bounded(&joined, "connect", timeout, Client::from_channel(etcd_client::Channel::Tonic(channel.clone()), Some(opts))).await?;
+        let channel = settings.username.is_none().then_some(channel);
+        Ok(Etcd { client, endpoints, timeout, channel })
     }
 
     /// Runs one etcd call with this client's time bound and error context.
@@ -120,6 +125,37 @@ impl Etcd {
     ) -> Result<T, KvstoreError> {
         bounded(&self.endpoints.join(","), operation, self.timeout, fut).await
     }
+}
+
+/// One gRPC channel balanced over `endpoints`, each set up as etcd-client sets up its own
+/// (`Client::connect`): a scheme-less endpoint is https with TLS options and http without;
+/// TLS options on an http:// endpoint are refused. The channel connects when first used.
+fn channel(endpoints: &[String], tls: Option<TlsOptions>, timeout: Duration) -> Result<tonic::transport::Channel, String> {
+    if endpoints.is_empty() {
+        return Err("no endpoints".into());
+    }
+    let mut list = Vec::with_capacity(endpoints.len());
+    for url in endpoints {
+        let url = if url.contains("://") {
+            url.clone()
+        } else {
+            format!("{}://{url}", if tls.is_some() { "https" } else { "http" })
+        };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| format!("endpoint {url}: {e}"))?;
+        match (url.starts_with("https://"), &tls) {
+            (true, tls) => endpoint = endpoint.tls_config(tls.clone().unwrap_or_default()).map_err(|e| format!("endpoint {url}: {e}"))?,
+            (false, Some(_)) => return Err(format!("endpoint {url}: TLS settings are given, but the endpoint is not https://")),
+            (false, None) => {}
+        }
+        list.push(
+            endpoint
+                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(timeout)
+                .timeout(timeout)
+                .connect_timeout(timeout),
+        );
+    }
+    Ok(tonic::transport::Channel::balance_list(list.into_iter()))
 }
 
 async fn bounded<T>(

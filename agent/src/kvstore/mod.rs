@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod health;
 pub mod history;
+pub mod range;
 pub mod reader;
 pub mod values;
 pub mod view;

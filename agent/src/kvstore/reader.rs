@@ -8,6 +8,7 @@ use etcd_client::GetOptions;
 use serde::Serialize;
 
 use super::client::{Etcd, KvstoreError};
+use super::range::{self, KvRef, RangePage, RangeRequest};
 use super::values::{self, HeldNode, IdentityEntry, IdentityReference, IpEntry, KvMeta, Malformed, NodeEntry};
 
 /// Keys per range request. Measured on etcd 3.4 with 100k Cilium IP entries: one range
@@ -167,12 +168,12 @@ pub async fn list_prefix(
     prefix: &str,
     revision: Option<i64>,
     page_size: i64,
-    on_page: impl FnMut(&[etcd_client::KeyValue], usize),
+    on_page: impl FnMut(&RangePage, usize),
 ) -> Result<i64, KvstoreError> {
     let pager = Pager::new(etcd, prefix, page_size);
     let end = prefix_end(prefix.as_bytes());
     let first = pager.fetch(prefix.as_bytes().to_vec(), end.clone(), revision).await?;
-    let revision = revision.or_else(|| first.header().map(|h| h.revision())).unwrap_or(0);
+    let revision = revision.or_else(|| first.revision()).unwrap_or(0);
     pager.list_from(first, &end, revision, on_page).await?;
     Ok(revision)
 }
@@ -194,23 +195,34 @@ impl Pager {
 
     /// One page of `[start, end)` at `revision` (the current one when `None`), owning what it
     /// needs so it can be spawned.
-    fn fetch(&self, start: Vec<u8>, end: Vec<u8>, revision: Option<i64>) -> impl Future<Output = Result<etcd_client::GetResponse, KvstoreError>> + Send + 'static {
-        let mut opts = GetOptions::new().with_range(end).with_limit(self.page_size).with_serializable();
-        if let Some(rev) = revision {
-            opts = opts.with_revision(rev);
-        }
-        self.get(start, opts)
+    fn fetch(&self, start: Vec<u8>, end: Vec<u8>, revision: Option<i64>) -> impl Future<Output = Result<RangePage, KvstoreError>> + Send + 'static {
+        self.get(RangeRequest { key: start, range_end: end, limit: self.page_size, revision: revision.unwrap_or(0), serializable: true, count_only: false })
     }
 
     /// How many keys `[start, end)` holds at `revision` (etcd walks only its index for this).
     fn count(&self, start: Vec<u8>, end: Vec<u8>, revision: i64) -> impl Future<Output = Result<i64, KvstoreError>> + Send + 'static {
-        let resp = self.get(start, GetOptions::new().with_range(end).with_count_only().with_revision(revision).with_serializable());
+        let resp = self.get(RangeRequest { key: start, range_end: end, limit: 0, revision, serializable: true, count_only: true });
         async move { Ok(resp.await?.count()) }
     }
 
-    fn get(&self, start: Vec<u8>, opts: GetOptions) -> impl Future<Output = Result<etcd_client::GetResponse, KvstoreError>> + Send + 'static {
+    /// Serializable reads: every page after the first is pinned to a revision, and the first
+    /// fixes it (a linearizable read would add a round of consensus per page).
+    fn get(&self, r: RangeRequest) -> impl Future<Output = Result<RangePage, KvstoreError>> + Send + 'static {
         let (mut kv, etcd, what) = (self.kv.clone(), self.etcd.clone(), format!("list {}", self.prefix));
-        async move { etcd.call(what, kv.get(start, Some(opts))).await }
+        async move {
+            if let Some(channel) = &etcd.channel {
+                let read = range::range(channel, r, MAX_RESPONSE_BYTES);
+                return etcd.call(what, async { read.await.map_err(etcd_client::Error::GRpcStatus) }).await.map(RangePage::Raw);
+            }
+            let mut opts = GetOptions::new().with_range(r.range_end).with_limit(r.limit).with_revision(r.revision);
+            if r.serializable {
+                opts = opts.with_serializable();
+            }
+            if r.count_only {
+                opts = opts.with_count_only();
+            }
+            etcd.call(what, kv.get(r.key, Some(opts))).await.map(RangePage::Client)
+        }
     }
 
     /// Hands `page` and every page after it up to `end` to `on_page`, asking for the next
@@ -218,14 +230,14 @@ impl Pager {
     /// while the caller decodes.
     async fn list_from(
         &self,
-        mut page: etcd_client::GetResponse,
+        mut page: RangePage,
         end: &[u8],
         revision: i64,
-        mut on_page: impl FnMut(&[etcd_client::KeyValue], usize),
+        mut on_page: impl FnMut(&RangePage, usize),
     ) -> Result<(), KvstoreError> {
         loop {
             let next = after_page(&page).map(|start| tokio::spawn(self.fetch(start, end.to_vec(), Some(revision))));
-            on_page(page.kvs(), usize::try_from(page.count()).unwrap_or(0));
+            on_page(&page, usize::try_from(page.count()).unwrap_or(0));
             match next {
                 Some(task) => page = self.joined(task.await)?,
                 None => return Ok(()),
@@ -259,8 +271,8 @@ impl Pager {
 type KeyRange = (Vec<u8>, Vec<u8>);
 
 /// Where the page after `page` starts, when there is one.
-fn after_page(page: &etcd_client::GetResponse) -> Option<Vec<u8>> {
-    let last = page.kvs().last().filter(|_| page.more())?;
+fn after_page(page: &RangePage) -> Option<Vec<u8>> {
+    let last = page.last().filter(|_| page.more())?;
     let mut start = last.key().to_vec();
     start.push(0);
     Some(start)
@@ -316,22 +328,22 @@ fn balanced_runs(counts: &[i64], streams: usize) -> Vec<(usize, usize)> {
 }
 
 /// A listed key (etcd keys are bytes; Cilium's are UTF-8).
-pub fn key_of(kv: &etcd_client::KeyValue) -> Arc<str> {
-    String::from_utf8_lossy(kv.key()).as_ref().into()
+pub fn key_of(key: &[u8]) -> Arc<str> {
+    String::from_utf8_lossy(key).as_ref().into()
 }
 
-fn meta(kv: &etcd_client::KeyValue, key: Arc<str>) -> KvMeta {
+pub fn meta(kv: KvRef<'_>, key: Arc<str>) -> KvMeta {
     KvMeta { key, mod_revision: kv.mod_revision(), lease: kv.lease() }
 }
 
 /// Decodes listed key-values into `snap`, sorting each key to its kind by prefix.
-pub fn decode_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue]) {
-    decode_raw_into(snap, kvs.iter().map(|kv| (meta(kv, key_of(kv)), kv.value())), None);
+pub fn decode_into<'a>(snap: &mut KvstoreSnapshot, kvs: impl Iterator<Item = KvRef<'a>>) {
+    decode_raw_into(snap, kvs.map(|kv| (meta(kv, key_of(kv.key())), kv.value())), None);
 }
 
-/// [`decode_into`] with the page's keys already made (`keys[i]` is `kvs[i]`'s), shared.
-pub fn decode_keyed_into(snap: &mut KvstoreSnapshot, kvs: &[etcd_client::KeyValue], keys: &[Arc<str>]) {
-    decode_raw_into(snap, kvs.iter().zip(keys).map(|(kv, key)| (meta(kv, key.clone()), kv.value())), None);
+/// [`decode_into`] with the page's keys already made (`keys[i]` is the `i`th key's), shared.
+pub fn decode_keyed_into(snap: &mut KvstoreSnapshot, page: &RangePage, keys: &[Arc<str>]) {
+    decode_raw_into(snap, page.iter().zip(keys).map(|(kv, key)| (meta(kv, key.clone()), kv.value())), None);
 }
 
 /// [`decode_into`] over (meta, value) pairs from any source (a list or a watch mirror),
@@ -442,7 +454,7 @@ async fn first_read(etcd: &Etcd, node: Option<(&str, &str)>) -> Result<(i64, std
     let resp = etcd.call(format!("get {key}"), kv.get(key.as_str(), Some(GetOptions::new().with_serializable()))).await?;
     let revision = resp.header().map_or(0, |h| h.revision());
     let addresses = match (node, resp.kvs().first()) {
-        (Some((cluster, name)), Some(kv)) => values::decode_node(meta(kv, key_of(kv)), kv.value())
+        (Some((cluster, name)), Some(kv)) => values::decode_node(meta(kv.into(), key_of(kv.key())), kv.value())
             .ok()
             .filter(|n| n.cluster == cluster && n.name == name)
             .map(|n| n.addresses.iter().map(|a| a.ip).collect())
@@ -452,31 +464,39 @@ async fn first_read(etcd: &Etcd, node: Option<(&str, &str)>) -> Result<(i64, std
     Ok((revision, addresses))
 }
 
+/// Decodes one page of `prefix` into `part` (`left`: keys left in the range from the page on),
+/// keeping only what `filter` wants.
+fn decode_page(part: &mut KvstoreSnapshot, page: &RangePage, left: usize, prefix: &str, filter: Option<&NodeFilter>) {
+    // Room for the whole prefix at its first page (100k ip/v1 entries grew by doubling
+    // to 131k slots: 4.5 MB never used), unless a node's view keeps only a few.
+    if prefix == values::NODES_PREFIX && part.nodes.capacity() == 0 {
+        part.nodes.reserve_exact(left);
+    } else if prefix == values::IP_PREFIX && filter.is_none() && part.ips.capacity() == 0 {
+        part.ips.reserve_exact(left);
+    }
+    // A node's view: the entries it does not keep are only validated and counted.
+    let skipped = |kv: &KvRef<'_>| {
+        let Some(f) = filter.filter(|_| prefix == values::IP_PREFIX) else { return false };
+        let host = std::str::from_utf8(kv.key()).ok().and_then(|key| values::valid_ip_host(key, kv.value()));
+        host.is_some_and(|h| !f.keeps_host(h))
+    };
+    let mut skips = 0;
+    let rest = page.iter().filter(|kv| {
+        let skip = skipped(kv);
+        skips += usize::from(skip);
+        !skip
+    });
+    decode_raw_into(part, rest.map(|kv| (meta(kv, key_of(kv.key())), kv.value())), filter);
+    part.counts.ips += skips;
+}
+
 /// Every prefix of `opts` listed at `revision`, concurrently: etcd serves one while kvcheck
 /// decodes another, and a prefix with more than two pages (the `ip/v1` one) is read in
 /// sub-ranges at once after its first page. (One task for all: measured on 2 cores, a task
 /// per prefix was slower, etcd needs the other core.)
 async fn list_at(etcd: &Etcd, opts: &ListOptions, revision: i64, filter: Option<&NodeFilter>) -> Result<KvstoreSnapshot, KvstoreError> {
     let parts = futures::future::try_join_all(prefixes(opts).into_iter().map(|prefix| async move {
-        let decode = |part: &mut KvstoreSnapshot, page: &[etcd_client::KeyValue], left: usize| {
-            // Room for the whole prefix at its first page (100k ip/v1 entries grew by doubling
-            // to 131k slots: 4.5 MB never used), unless a node's view keeps only a few.
-            if prefix == values::NODES_PREFIX && part.nodes.capacity() == 0 {
-                part.nodes.reserve_exact(left);
-            } else if prefix == values::IP_PREFIX && filter.is_none() && part.ips.capacity() == 0 {
-                part.ips.reserve_exact(left);
-            }
-            // A node's view: the entries it does not keep are only validated and counted.
-            let skipped = |kv: &&etcd_client::KeyValue| {
-                let Some(f) = filter.filter(|_| prefix == values::IP_PREFIX) else { return false };
-                let host = std::str::from_utf8(kv.key()).ok().and_then(|key| values::valid_ip_host(key, kv.value()));
-                host.is_some_and(|h| !f.keeps_host(h))
-            };
-            let before = page.len();
-            let rest: Vec<&etcd_client::KeyValue> = page.iter().filter(|kv| !skipped(kv)).collect();
-            part.counts.ips += before - rest.len();
-            decode_raw_into(part, rest.into_iter().map(|kv| (meta(kv, key_of(kv)), kv.value())), filter);
-        };
+        let decode = |part: &mut KvstoreSnapshot, page: &RangePage, left: usize| decode_page(part, page, left, prefix, filter);
         let pager = Pager::new(etcd, prefix, opts.page_size);
         let end = prefix_end(prefix.as_bytes());
         let first = pager.fetch(prefix.as_bytes().to_vec(), end.clone(), Some(revision)).await?;
@@ -485,9 +505,9 @@ async fn list_at(etcd: &Etcd, opts: &ListOptions, revision: i64, filter: Option<
         // More than a page left: read the rest as sub-ranges at once (see Pager::split_rest),
         // counted while this page is decoded.
         let split = after_page(&first)
-            .filter(|_| left.saturating_sub(first.kvs().len()) > usize::try_from(opts.page_size).unwrap_or(usize::MAX))
+            .filter(|_| left.saturating_sub(first.len()) > usize::try_from(opts.page_size).unwrap_or(usize::MAX))
             .map(|start| {
-                let (a, b) = (first.kvs().first().map_or(&[][..], |kv| kv.key()), first.kvs().last().map_or(&[][..], |kv| kv.key()));
+                let (a, b) = (first.first().map_or(&[][..], |kv| kv.key()), first.last().map_or(&[][..], |kv| kv.key()));
                 split_bounds(a, b, start, &end)
             })
             .map(|bounds| tokio::spawn(pager.split_rest(bounds, revision)));
@@ -495,7 +515,7 @@ async fn list_at(etcd: &Etcd, opts: &ListOptions, revision: i64, filter: Option<
             pager.list_from(first, &end, revision, |page, left| decode(&mut part, page, left)).await?;
             return Ok(vec![part]);
         };
-        decode(&mut part, first.kvs(), left);
+        decode(&mut part, &first, left);
         drop(first);
         let (pager, decode) = (&pager, &decode);
         let rest = futures::future::try_join_all(pager.joined(split.await)?.into_iter().map(|((start, end), count)| async move {

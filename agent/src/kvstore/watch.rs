@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::client::{Etcd, KvstoreError};
 use super::config::EtcdSettings;
 use super::health;
+use super::range::{KvRef, RangePage};
 use super::reader::{self, KvstoreSnapshot, ListOptions};
 use crate::backoff::Backoff;
 
@@ -26,7 +27,7 @@ pub struct RawKv {
 
 impl RawKv {
     /// `kv`'s revision and lease, and its value when `keep_value`.
-    fn of(kv: &etcd_client::KeyValue, keep_value: bool) -> RawKv {
+    fn of(kv: KvRef<'_>, keep_value: bool) -> RawKv {
         let value = if keep_value { kv.value().to_vec() } else { Vec::new() };
         RawKv { value, mod_revision: kv.mod_revision(), lease: kv.lease() }
     }
@@ -60,14 +61,14 @@ impl KvstoreMirror {
         prefixes: &[String],
         page_size: i64,
         keep_values: bool,
-        mut on_page: impl FnMut(&[etcd_client::KeyValue], &[Arc<str>]),
+        mut on_page: impl FnMut(&RangePage, &[Arc<str>]),
     ) -> Result<KvstoreMirror, KvstoreError> {
         let (mut listed, mut revision) = (Vec::new(), None);
         for prefix in prefixes {
             let rev = reader::list_prefix(etcd, prefix, revision, page_size, |page, _| {
-                let keys: Vec<Arc<str>> = page.iter().map(|kv| reader::key_of(kv)).collect();
+                let keys: Vec<Arc<str>> = page.iter().map(|kv| reader::key_of(kv.key())).collect();
                 on_page(page, &keys);
-                listed.extend(keys.into_iter().zip(page).map(|(key, kv)| (key, RawKv::of(kv, keep_values))));
+                listed.extend(keys.into_iter().zip(page.iter()).map(|(key, kv)| (key, RawKv::of(kv, keep_values))));
             })
             .await?;
             revision = Some(rev);
@@ -98,7 +99,7 @@ pub enum Change {
 
 impl Change {
     /// A put of `kv`, as etcd delivered it.
-    fn put(kv: &etcd_client::KeyValue) -> Change {
+    fn put(kv: KvRef<'_>) -> Change {
         Change::Put {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
             value: String::from_utf8_lossy(kv.value()).into_owned(),
@@ -290,15 +291,15 @@ impl KvstoreWatcher {
             let mut changes = Vec::new();
             for ev in msg.events() {
                 let Some(kv) = ev.kv() else { continue };
-                let key = reader::key_of(kv);
+                let key = reader::key_of(kv.key());
                 self.mirror.revision = self.mirror.revision.max(kv.mod_revision());
                 if kv.mod_revision() <= self.listed_at || !self.prefixes.iter().any(|p| key.starts_with(p.as_str())) {
                     continue;
                 }
                 match ev.event_type() {
                     EventType::Put => {
-                        changes.push(Change::put(kv));
-                        self.mirror.keys.insert(key, RawKv::of(kv, self.keep_values));
+                        changes.push(Change::put(kv.into()));
+                        self.mirror.keys.insert(key, RawKv::of(kv.into(), self.keep_values));
                     }
                     EventType::Delete => {
                         if self.mirror.keys.remove(&*key).is_some() {
