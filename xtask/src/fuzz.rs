@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _, Result};
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Every decoder of outside input (fuzz/Cargo.toml's bins).
-pub const TARGETS: &[&str] = &["kvstore_values", "map_codecs", "node_config", "etcd_config", "cilium_api", "clustermesh", "k8s_objects", "btf"];
+pub const TARGETS: &[&str] = &["kvstore_values", "etcd_range", "map_codecs", "node_config", "etcd_config", "cilium_api", "clustermesh", "k8s_objects", "btf"];
 
 /// `cargo +nightly fuzz` with .tools/bin (cargo-fuzz, bpf-linker) on PATH.
 fn cargo_fuzz(root: &Path, tools_bin: &Path) -> Command {

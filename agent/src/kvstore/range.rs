@@ -326,44 +326,50 @@ pub async fn range(channel: &tonic::transport::Channel, request: RangeRequest, m
     Ok(grpc.unary(request, path, RangeCodec).await?.into_inner())
 }
 
+/// A `RangeResponse` as etcd (Go's protobuf) writes one: header (cluster id, revision), each
+/// key-value with every field, more, count. For tests and the fuzz target's seeds.
+#[doc(hidden)]
+pub fn encode_response(kvs: &[(&[u8], &[u8], i64, i64)], more: bool, count: i64, revision: i64) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    fn message(number: u32, body: &[u8], out: &mut Vec<u8>) {
+        encode_key(number, WireType::LengthDelimited, out);
+        encode_varint(body.len() as u64, out);
+        out.extend(body);
+    }
+    fn int(number: u32, v: u64, out: &mut Vec<u8>) {
+        encode_key(number, WireType::Varint, out);
+        encode_varint(v, out);
+    }
+    let mut out = Vec::new();
+    let mut header = Vec::new();
+    int(1, 7, &mut header);
+    int(3, revision as u64, &mut header);
+    message(1, &header, &mut out);
+    for (key, value, mod_revision, lease) in kvs {
+        let mut kv = Vec::new();
+        message(1, key, &mut kv);
+        int(2, 1, &mut kv);
+        int(3, *mod_revision as u64, &mut kv);
+        int(4, 2, &mut kv);
+        message(5, value, &mut kv);
+        int(6, *lease as u64, &mut kv);
+        message(2, &kv, &mut out);
+    }
+    int(3, u64::from(more), &mut out);
+    int(4, count as u64, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A `RangeResponse` as prost would write it: header, kvs, more, count, plus a field of
-    /// every wire type kvcheck does not read.
+    /// [`encode_response`] plus a field of each fixed-width wire type kvcheck does not read.
     fn response(kvs: &[(&[u8], &[u8], i64, i64)], more: bool, count: i64, revision: i64) -> Vec<u8> {
-        use prost::encoding::{encode_key, encode_varint, WireType};
-        let mut out = Vec::new();
-        let mut header = Vec::new();
-        encode_key(1, WireType::Varint, &mut header);
-        encode_varint(7, &mut header);
-        encode_key(3, WireType::Varint, &mut header);
-        encode_varint(revision as u64, &mut header);
-        encode_key(1, WireType::LengthDelimited, &mut out);
-        encode_varint(header.len() as u64, &mut out);
-        out.extend(&header);
-        for (key, value, mod_revision, lease) in kvs {
-            let mut kv = Vec::new();
-            for (n, b) in [(1, *key), (5, *value)] {
-                encode_key(n, WireType::LengthDelimited, &mut kv);
-                encode_varint(b.len() as u64, &mut kv);
-                kv.extend(b);
-            }
-            for (n, v) in [(2, 1u64), (3, *mod_revision as u64), (4, 2), (6, *lease as u64)] {
-                encode_key(n, WireType::Varint, &mut kv);
-                encode_varint(v, &mut kv);
-            }
-            encode_key(9, WireType::SixtyFourBit, &mut kv);
-            kv.extend([0u8; 8]);
-            encode_key(2, WireType::LengthDelimited, &mut out);
-            encode_varint(kv.len() as u64, &mut out);
-            out.extend(&kv);
-        }
-        encode_key(3, WireType::Varint, &mut out);
-        encode_varint(u64::from(more), &mut out);
-        encode_key(4, WireType::Varint, &mut out);
-        encode_varint(count as u64, &mut out);
+        use prost::encoding::{encode_key, WireType};
+        let mut out = encode_response(kvs, more, count, revision);
+        encode_key(14, WireType::SixtyFourBit, &mut out);
+        out.extend([0u8; 8]);
         encode_key(15, WireType::ThirtyTwoBit, &mut out);
         out.extend([0u8; 4]);
         out

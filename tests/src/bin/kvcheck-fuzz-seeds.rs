@@ -19,6 +19,10 @@ fn main() -> Result<()> {
         for (k, v) in &pairs {
             seeds.write("kvstore_values", format!("{k}\n{v}").as_bytes())?;
         }
+        // The same keys as etcd's range response carries them: all at once, and a page of two.
+        let kvs: Vec<(&[u8], &[u8], i64, i64)> = pairs.iter().enumerate().map(|(i, (k, v))| (k.as_bytes(), v.as_bytes(), 100 + i as i64, 0)).collect();
+        seeds.write("etcd_range", &kvcheck::kvstore::range::encode_response(&kvs, false, kvs.len() as i64, 500))?;
+        seeds.write("etcd_range", &kvcheck::kvstore::range::encode_response(&kvs[..kvs.len().min(2)], true, kvs.len() as i64, 500))?;
         let layout_byte = Layout::ALL.iter().position(|l| *l == layout).context("layout")? as u8;
         for map in ["cilium_ipcache", "cilium_lxc", "cilium_tunnel_map"] {
             for (k, v) in sample::bpftool_entries(sample::section(&s, &format!("globals/{map}"))) {
