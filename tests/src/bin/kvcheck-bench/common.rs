@@ -23,6 +23,22 @@ pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// `a` and `b` timed in turns, `runs` of each: the medians of each. A ratio of two reads of the
+/// same etcd compares them under the same conditions (etcd's memory and GC after the reads
+/// before, the page cache), which two series one after the other do not.
+pub(crate) fn time_in_turns(runs: u32, mut a: impl FnMut() -> Result<()>, mut b: impl FnMut() -> Result<()>) -> Result<(Duration, Duration)> {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        a()?;
+        ta.push(t.elapsed());
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed());
+    }
+    Ok((median(ta), median(tb)))
+}
+
 pub(crate) fn time_runs(runs: u32, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
     let mut times = Vec::new();
     for _ in 0..runs {
@@ -192,13 +208,18 @@ pub(crate) fn raw_kvstore_range(runs: u32, endpoints: Vec<String>) -> Result<(Du
     let settings = kvcheck::kvstore::config::EtcdSettings { endpoints, ..Default::default() };
     let mut keys = 0;
     let took = time_runs(runs, || {
-        keys = rt.block_on(async {
-            let client = kvcheck::kvstore::client::Etcd::connect(&settings, Duration::from_secs(30)).await?;
-            let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
-            let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
-            anyhow::Ok(resp.kvs().len())
-        })?;
+        keys = raw_kvstore_range_once(&rt, &settings)?;
         Ok(())
     })?;
     Ok((took, keys))
+}
+
+/// One read of the kvstore floor (see [`raw_kvstore_range`]): the keys it returned.
+pub(crate) fn raw_kvstore_range_once(rt: &tokio::runtime::Runtime, settings: &kvcheck::kvstore::config::EtcdSettings) -> Result<usize> {
+    rt.block_on(async {
+        let client = kvcheck::kvstore::client::Etcd::connect(settings, Duration::from_secs(30)).await?;
+        let mut kv = client.client.kv_client().max_decoding_message_size(1 << 30);
+        let resp = kv.get("cilium/state/", Some(etcd_client::GetOptions::new().with_prefix().with_serializable())).await?;
+        anyhow::Ok(resp.kvs().len())
+    })
 }
