@@ -55,16 +55,21 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
             Ok(())
         })
     };
-    // The library's read at the default page size and the floor, in turns (see time_in_turns).
-    let mut floor_keys = 0;
-    let (library, floor) = time_in_turns(
-        args.runs,
-        || library_read(&settings, default_page),
-        || {
-            floor_keys = raw_kvstore_range_once(&rt, &settings)?;
-            Ok(())
-        },
-    )?;
+    // The library's read at the default page size and the floor, in turns (see time_in_turns),
+    // with the keys the floor returned.
+    let library_and_floor = |settings: &kvcheck::kvstore::config::EtcdSettings| {
+        let mut keys = 0;
+        let (library, floor) = time_in_turns(
+            args.runs,
+            || library_read(settings, default_page),
+            || {
+                keys = raw_kvstore_range_once(&rt, settings)?;
+                Ok(())
+            },
+        )?;
+        anyhow::Ok((library, floor, keys))
+    };
+    let (library, floor, floor_keys) = library_and_floor(&settings)?;
     anyhow::ensure!(floor_keys == total_keys, "the raw range returned {floor_keys} of {total_keys} keys");
     for page_size in sizes {
         let d = if page_size == default_page { library } else { time_runs(args.runs, || library_read(&settings, page_size))? };
@@ -162,15 +167,7 @@ pub(crate) fn kvstore_bench(args: &Args, figs: &mut Figures) -> Result<String> {
         // Reads after the load, unmeasured, as etcdctl's and `dump`'s runs are for the 3.4
         // figures (etcd is still busy with the load for a while).
         raw_kvstore_range(args.runs, etcd35.endpoints())?;
-        let mut keys35 = 0;
-        let (library35, floor35) = time_in_turns(
-            args.runs,
-            || library_read(&settings35, default_page),
-            || {
-                keys35 = raw_kvstore_range_once(&rt, &settings35)?;
-                Ok(())
-            },
-        )?;
+        let (library35, floor35, keys35) = library_and_floor(&settings35)?;
         anyhow::ensure!(keys35 == total_keys, "the raw range on etcd 3.5 returned {keys35} of {total_keys} keys");
         figs.insert("kv_ratio_etcd35", ms(library35) / ms(floor35));
         table.push_str(&format!(
