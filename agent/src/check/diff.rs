@@ -196,7 +196,7 @@ fn endpoint_objects(obs: &Observed<'_>, out: &mut Vec<Finding>) {
         return;
     }
     let node_ips: std::collections::HashSet<IpAddr> = kv.nodes.iter().flat_map(|n| n.addresses.iter().map(|a| a.ip)).collect();
-    let owner = |e: &IpEntry| format!("{}/{}", e.k8s_namespace.as_deref().unwrap_or_default(), e.k8s_pod_name.as_deref().unwrap_or_default());
+    let owner = |e: &IpEntry| format!("{}/{}", e.owner.k8s_namespace().unwrap_or_default(), e.owner.k8s_pod_name().unwrap_or_default());
     let mut on_unknown: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
     let mut by_ip: HashMap<IpNet, BTreeSet<String>> = HashMap::new();
     for e in &kv.ips {

@@ -136,9 +136,7 @@ fn world(pods: &[Vec<u8>], layout: Layout) -> World {
                 host_ip: Some(node_ip),
                 identity: id,
                 encrypt_key: 0,
-                metadata: String::new(),
-                k8s_namespace: None,
-                k8s_pod_name: None,
+                owner: Default::default(),
             });
             ipcache.push(ipc(ip, id, (!local).then_some(node_ip)));
             if local {
@@ -473,9 +471,7 @@ fn identities_of_other_clusters_and_reserved_ones_are_not_required() {
             host_ip: Some(v4(192, 168, 0, 2)),
             identity: id,
             encrypt_key: 0,
-            metadata: String::new(),
-            k8s_namespace: None,
-            k8s_pod_name: None,
+            owner: Default::default(),
         });
     }
     let f: Vec<_> = ids(&findings(&w)).into_iter().filter(|(k, _)| *k == super::kinds::FindingKind::IdentityMissing).collect();

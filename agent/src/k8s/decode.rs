@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::crds::{AddressPair, CiliumEndpoint, CiliumEndpointSlice, CiliumIdentity, CiliumNode, CoreCiliumEndpoint, EndpointNetworking};
 use crate::kvstore::reader::KvstoreSnapshot;
-use crate::kvstore::values::{IdentityEntry, IpEntry, KvMeta, Malformed, NodeAddress, NodeEntry};
+use crate::kvstore::values::{IdentityEntry, IpEntry, IpOwner, KvMeta, Malformed, NodeAddress, NodeEntry};
 use crate::model::identity;
 
 /// How findings and dumps name an object: `<Kind> <namespace>/<name>` or `<Kind> <name>`.
@@ -110,9 +110,7 @@ fn push_addresses(snap: &mut KvstoreSnapshot, meta: KvMeta, networking: Option<&
                     identity,
                     encrypt_key,
                     // The object's name is in the key and the two fields below.
-                    metadata: String::new(),
-                    k8s_namespace: ns.map(str::to_owned),
-                    k8s_pod_name: Some(name.to_owned()),
+                    owner: IpOwner::new("", ns, Some(name)),
                 });
             }
             Err(_) => snap.malformed.push(malformed(meta.clone(), a, format!("address {a:?} is not an IP"))),

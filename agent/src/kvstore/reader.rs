@@ -115,11 +115,10 @@ impl KvstoreSnapshot {
 
 /// `from` appended to `into`; taken whole when `into` is empty (each prefix decodes into its
 /// own part), so 100k `ip/v1` entries are not copied while both copies are held (measured: a
-/// 15 MB copy beside the part's 20 MB).
-fn append<T>(into: &mut Vec<T>, mut from: Vec<T>) {
+/// 15 MB copy beside the part's 20 MB). A prefix's first part has room for the whole prefix
+/// (see [`decode_page`]), so the parts of its runs are appended without growing it.
+fn append<T>(into: &mut Vec<T>, from: Vec<T>) {
     if into.is_empty() {
-        // Grown by doubling while decoding: give back the spare capacity (no copy).
-        from.shrink_to_fit();
         *into = from;
     } else {
         into.extend(from);
@@ -249,26 +248,36 @@ impl Pager {
         r.map_err(|e| KvstoreError::Etcd { endpoints: self.etcd.endpoints.join(","), operation: format!("list {}", self.prefix), message: e.to_string() })?
     }
 
-    /// The sub-ranges between `bounds` (from [`split_bounds`]) merged into runs holding about
-    /// equal numbers of keys at `revision`, with their counts, to be listed at once. etcd
-    /// serves each range request on one core, and every limited request walks its index to
-    /// the range's end, so one stream of open-ended pages leaves a core idle and walks the
-    /// rest of the prefix once per page. Measured at the bench's size (100k `ip/v1` keys, 20k
-    /// pages, 2 cores): 215 ms read in one stream, 195 ms in two cut at the median key, no
-    /// better in four. Counting the candidate sub-ranges walks etcd's index once over the
+    /// How many keys each sub-range between `bounds` (from [`split_bounds`]) holds at
+    /// `revision`, to cut the rest of a prefix into runs of about equal size, listed at once
+    /// (see [`plan_runs`]). etcd serves each range request on one core, and every limited
+    /// request walks its index to the range's end, so one stream of open-ended pages leaves
+    /// a core idle and walks the rest of the prefix once per page. Measured at the bench's
+    /// size (100k `ip/v1` keys, 20k pages, 2 cores): 215 ms read in one stream, 195 ms in two
+    /// cut at the median key, no better in four. Counting walks etcd's index once over the
     /// rest (~6 ms at 80k keys).
-    fn split_rest(&self, bounds: Vec<Vec<u8>>, revision: i64) -> impl Future<Output = Result<Vec<(KeyRange, i64)>, KvstoreError>> + Send + 'static {
-        let counts = futures::future::try_join_all(bounds.windows(2).map(|w| self.count(w[0].clone(), w[1].clone(), revision)).collect::<Vec<_>>());
-        async move {
-            let counts = counts.await?;
-            let runs = balanced_runs(&counts, SPLIT_STREAMS).into_iter();
-            Ok(runs.map(|(a, b)| ((bounds[a].clone(), bounds[b].clone()), counts[a..b].iter().sum())).collect())
-        }
+    fn count_windows(&self, bounds: Vec<Vec<u8>>, revision: i64) -> impl Future<Output = Result<Vec<i64>, KvstoreError>> + Send + 'static {
+        futures::future::try_join_all(bounds.windows(2).map(|w| self.count(w[0].clone(), w[1].clone(), revision)).collect::<Vec<_>>())
     }
 }
 
-/// `[start, end)` of keys.
-type KeyRange = (Vec<u8>, Vec<u8>);
+/// The runs the rest of a prefix is read in, as `(first, end, keys)`: windows `first..end`
+/// of the sub-ranges holding `counts` keys, about equal in size ([`balanced_runs`]). The
+/// first run always starts at the rest's start and holds at least `page` keys (merged with
+/// the next until it does), because its first page is asked for before the counts are
+/// known: that page, `page` keys from the start, must end inside it.
+fn plan_runs(counts: &[i64], page: i64, streams: usize) -> Vec<(usize, usize, i64)> {
+    let mut runs = balanced_runs(counts, streams);
+    let keys = |(a, b): (usize, usize)| counts[a..b].iter().sum::<i64>();
+    if let Some(first) = runs.first_mut() {
+        first.0 = 0;
+    }
+    while runs.len() > 1 && keys(runs[0]) < page {
+        let (_, b) = runs.remove(1);
+        runs[0].1 = b;
+    }
+    runs.into_iter().map(|r| (r.0, r.1, keys(r))).collect()
+}
 
 /// Where the page after `page` starts, when there is one.
 fn after_page(page: &RangePage) -> Option<Vec<u8>> {
@@ -502,28 +511,46 @@ async fn list_at(etcd: &Etcd, opts: &ListOptions, revision: i64, filter: Option<
         let first = pager.fetch(prefix.as_bytes().to_vec(), end.clone(), Some(revision)).await?;
         let mut part = KvstoreSnapshot::default();
         let left = usize::try_from(first.count()).unwrap_or(0);
-        // More than a page left: read the rest as sub-ranges at once (see Pager::split_rest),
-        // counted while this page is decoded.
+        // More than a page left: read the rest in runs at once (see Pager::count_windows).
+        // The rest's first page is asked for at once, with the counts that cut the runs,
+        // while this page is decoded: the first run starts from it.
         let split = after_page(&first)
             .filter(|_| left.saturating_sub(first.len()) > usize::try_from(opts.page_size).unwrap_or(usize::MAX))
             .map(|start| {
                 let (a, b) = (first.first().map_or(&[][..], |kv| kv.key()), first.last().map_or(&[][..], |kv| kv.key()));
-                split_bounds(a, b, start, &end)
-            })
-            .map(|bounds| tokio::spawn(pager.split_rest(bounds, revision)));
-        let Some(split) = split else {
+                let bounds = split_bounds(a, b, start.clone(), &end);
+                let head = tokio::spawn(pager.fetch(start, end.clone(), Some(revision)));
+                (tokio::spawn(pager.count_windows(bounds.clone(), revision)), head, bounds)
+            });
+        let Some((counts, head, bounds)) = split else {
             pager.list_from(first, &end, revision, |page, left| decode(&mut part, page, left)).await?;
             return Ok(vec![part]);
         };
         decode(&mut part, &first, left);
         drop(first);
-        let (pager, decode) = (&pager, &decode);
-        let rest = futures::future::try_join_all(pager.joined(split.await)?.into_iter().map(|((start, end), count)| async move {
-            let mut sub = KvstoreSnapshot::default();
-            let pager = Pager { page_size: even_page_size(count, opts.page_size), ..pager.clone() };
-            let page = pager.fetch(start, end.clone(), Some(revision)).await?;
-            pager.list_from(page, &end, revision, |page, left| decode(&mut sub, page, left)).await?;
-            Ok::<_, KvstoreError>(sub)
+        let counts = pager.joined(counts.await)?;
+        let runs = plan_runs(&counts, opts.page_size, SPLIT_STREAMS);
+        let (pager, decode, bounds, head) = (&pager, &decode, &bounds, &mut Some(head));
+        let rest = futures::future::try_join_all(runs.into_iter().map(|(a, b, count)| {
+            // The first run (from the rest's start) takes the page asked for above.
+            let head = if a == 0 { head.take() } else { None };
+            async move {
+                let mut sub = KvstoreSnapshot::default();
+                let mut pager = Pager { page_size: even_page_size(count, opts.page_size), ..pager.clone() };
+                let end = &bounds[b];
+                let page = match head {
+                    Some(head) => {
+                        let page = pager.joined(head.await)?;
+                        // The rest of the run after that page, in even pages too.
+                        pager.page_size = even_page_size(count - i64::try_from(page.len()).unwrap_or(count), opts.page_size);
+                        page
+                    }
+                    None => pager.fetch(bounds[a].clone(), end.clone(), Some(revision)).await?,
+                };
+                let count = usize::try_from(count).unwrap_or(0);
+                pager.list_from(page, end, revision, |page, left| decode(&mut sub, page, left.min(count))).await?;
+                Ok::<_, KvstoreError>(sub)
+            }
         }))
         .await?;
         Ok::<_, KvstoreError>(std::iter::once(part).chain(rest).collect::<Vec<_>>())
@@ -533,6 +560,10 @@ async fn list_at(etcd: &Etcd, opts: &ListOptions, revision: i64, filter: Option<
     for part in parts.into_iter().flatten() {
         snap.merge(part);
     }
+    // Lists grown by doubling give back their spare room (no copy).
+    snap.nodes.shrink_to_fit();
+    snap.ips.shrink_to_fit();
+    snap.identity_references.shrink_to_fit();
     snap.revision = revision;
     Ok(snap)
 }
@@ -575,6 +606,18 @@ mod tests {
             let size = even_page_size(count, page);
             assert!(size >= 1 && size <= (page * 5 / 4).max(1) && (count + size - 1) / size * size - count < size, "{count} in {page}: {size}");
         }
+    }
+
+    #[test]
+    fn the_first_run_starts_at_the_rest_and_holds_its_first_page() {
+        assert_eq!(plan_runs(&[0, 0, 30, 50], 20, 2), [(0, 3, 30), (3, 4, 50)]);
+        // The first page (40 keys from the start) would reach into the second run: one run.
+        assert_eq!(plan_runs(&[0, 0, 30, 50], 40, 2), [(0, 4, 80)]);
+        // The keys-less first range is still the first run's: its page is read from there.
+        assert_eq!(plan_runs(&[0, 100], 20, 2), [(0, 2, 100)]);
+        assert_eq!(plan_runs(&[10, 10, 10, 10, 10, 10], 5, 3), [(0, 2, 20), (2, 4, 20), (4, 6, 20)]);
+        assert_eq!(plan_runs(&[10, 10, 10, 10, 10, 10], 25, 3), [(0, 4, 40), (4, 6, 20)]);
+        assert_eq!(plan_runs(&[], 5, 2), []);
     }
 
     #[test]

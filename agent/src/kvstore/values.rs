@@ -243,9 +243,68 @@ pub struct IpEntry {
     pub host_ip: Option<IpAddr>,
     pub identity: u32,
     pub encrypt_key: u8,
-    pub metadata: String,
-    pub k8s_namespace: Option<String>,
-    pub k8s_pod_name: Option<String>,
+    /// Cilium's `Metadata`, `K8sNamespace` and `K8sPodName`, serialized as those three fields.
+    #[serde(flatten)]
+    pub owner: IpOwner,
+}
+
+/// An `ip/v1` entry's `Metadata` string and the pod it names (`K8sNamespace`, `K8sPodName`;
+/// empty is none), in one allocation: ~100k entries are decoded per full read, and three
+/// strings each cost 200k more allocations and frees, and 48 bytes more per entry.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct IpOwner {
+    /// The three strings one after another.
+    text: Box<str>,
+    /// Where the namespace and the pod name start in `text`.
+    namespace_at: u32,
+    pod_at: u32,
+}
+
+impl IpOwner {
+    pub fn new(metadata: &str, k8s_namespace: Option<&str>, k8s_pod_name: Option<&str>) -> IpOwner {
+        let (namespace, pod) = (k8s_namespace.unwrap_or_default(), k8s_pod_name.unwrap_or_default());
+        let mut text = String::with_capacity(metadata.len() + namespace.len() + pod.len());
+        for s in [metadata, namespace, pod] {
+            text.push_str(s);
+        }
+        // Values come from etcd responses and API objects, far below 4 GiB; saturating keeps
+        // the slices in bounds regardless.
+        let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        IpOwner { namespace_at: at(metadata.len()), pod_at: at(metadata.len() + namespace.len()), text: text.into_boxed_str() }
+    }
+
+    fn part(&self, start: u32, end: usize) -> &str {
+        self.text.get(start as usize..end).unwrap_or_default()
+    }
+
+    pub fn metadata(&self) -> &str {
+        self.part(0, self.namespace_at as usize)
+    }
+
+    pub fn k8s_namespace(&self) -> Option<&str> {
+        Some(self.part(self.namespace_at, self.pod_at as usize)).filter(|s| !s.is_empty())
+    }
+
+    pub fn k8s_pod_name(&self) -> Option<&str> {
+        Some(self.part(self.pod_at, self.text.len())).filter(|s| !s.is_empty())
+    }
+}
+
+impl std::fmt::Debug for IpOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpOwner").field("metadata", &self.metadata()).field("k8s_namespace", &self.k8s_namespace()).field("k8s_pod_name", &self.k8s_pod_name()).finish()
+    }
+}
+
+impl Serialize for IpOwner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("IpOwner", 3)?;
+        st.serialize_field("metadata", self.metadata())?;
+        st.serialize_field("k8s_namespace", &self.k8s_namespace())?;
+        st.serialize_field("k8s_pod_name", &self.k8s_pod_name())?;
+        st.end()
+    }
 }
 
 /// Borrows from the value where it can: 100k of these are decoded per full read.
@@ -452,15 +511,12 @@ fn parse_ip_value<'a>(key: &str, value: &'a [u8]) -> Result<(IpNet, Option<IpAdd
 
 pub fn decode_ip(meta: KvMeta, value: &[u8]) -> Result<IpEntry, Malformed> {
     let (prefix, host_ip, j) = parse_ip_value(&meta.key, value).map_err(|reason| Malformed::new(meta.clone(), value, reason))?;
-    let owned = |s: Option<Cow<'_, str>>| s.filter(|s| !s.is_empty()).map(Cow::into_owned);
     Ok(IpEntry {
         prefix,
         host_ip,
         identity: j.id,
         encrypt_key: j.key.unwrap_or(0),
-        metadata: j.metadata.map(Cow::into_owned).unwrap_or_default(),
-        k8s_namespace: owned(j.k8s_namespace),
-        k8s_pod_name: owned(j.k8s_pod_name),
+        owner: IpOwner::new(j.metadata.as_deref().unwrap_or_default(), j.k8s_namespace.as_deref(), j.k8s_pod_name.as_deref()),
         meta,
     })
 }

@@ -65,7 +65,7 @@ pub fn render(v: &NodeView) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "IP entries hosted by this node: {}", v.ips.len());
     for e in &v.ips {
-        let pod = match (&e.k8s_namespace, &e.k8s_pod_name) {
+        let pod = match (e.owner.k8s_namespace(), e.owner.k8s_pod_name()) {
             (Some(ns), Some(p)) => format!("{ns}/{p}"),
             _ => "-".to_owned(),
         };
