@@ -151,6 +151,8 @@ fn channel(endpoints: &[String], tls: Option<TlsOptions>, timeout: Duration) -> 
             endpoint
                 .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
                 .keep_alive_timeout(timeout)
+                // As etcd-client's own connections: a dead peer is found between reads too.
+                .keep_alive_while_idle(true)
                 .timeout(timeout)
                 .connect_timeout(timeout),
         );
