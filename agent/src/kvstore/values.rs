@@ -688,6 +688,14 @@ mod tests {
         assert_eq!((e.identity, e.encrypt_key), (199475, 5));
         assert_eq!(e.prefix, "10.244.2.74/32".parse().unwrap());
         assert_eq!(e.host_ip, Some("172.18.0.2".parse().unwrap()));
+        // The three strings share one allocation; empty ones are none, and they serialize
+        // as the three fields they were.
+        assert_eq!((e.owner.metadata(), e.owner.k8s_namespace(), e.owner.k8s_pod_name()), ("", Some("bar"), Some("cep-002")));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!((&json["metadata"], &json["k8s_namespace"], &json["k8s_pod_name"]), (&serde_json::json!(""), &serde_json::json!("bar"), &serde_json::json!("cep-002")));
+        let owner = IpOwner::new("cilium-global:default:k8s1:541", None, Some("p"));
+        assert_eq!((owner.metadata(), owner.k8s_namespace(), owner.k8s_pod_name()), ("cilium-global:default:k8s1:541", None, Some("p")));
+        assert_eq!((IpOwner::default().metadata(), IpOwner::default().k8s_namespace(), IpOwner::new("m", Some("ns"), Some("")).k8s_pod_name()), ("", None, None));
         let cidr = br#"{"IP":"10.0.114.0","Mask":"////AA==","HostIP":"","ID":2}"#;
         assert_eq!(decode_ip(meta("cilium/state/ip/v1/default/10.0.114.0/24"), cidr).unwrap().prefix, "10.0.114.0/24".parse().unwrap());
         let mismatch = decode_ip(meta("cilium/state/ip/v1/default/10.244.2.75"), v).unwrap_err();
